@@ -58,3 +58,13 @@ def ros_env() -> dict:
     env["ROS_DOMAIN_ID"] = str(1 + (_DOMAIN_BASE + next(_domain_counter)) % 101)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def small_city(tmp_path_factory) -> str:
+    """A synthetic city at the `small` scale (all nine scenes, seed 0), generated once per session."""
+    from spatialoc_ros.data.synthetic import generate_city
+
+    out = tmp_path_factory.mktemp("small_city")
+    generate_city(str(out), seed=0, scale="small")
+    return str(out)

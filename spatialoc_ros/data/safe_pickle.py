@@ -87,11 +87,21 @@ class KittiUnpickler(pickle.Unpickler):
         if name == "object" and module in ("builtins", "__builtin__"):
             return object
         if (module, name) == ("_codecs", "encode"):  # protocols 0-2 store bytes through it
-            return codecs.encode
+            return self._latin1_encode
         raise UnsafePickleError(
             f"refused to load {self._source}: it names the global '{module}.{name}', which is not a "
             "KITTI360Pose class or a numpy array type; only trusted KITTI360Pose files can be read"
         )
+
+    def _latin1_encode(self, obj, encoding="utf-8", errors="strict"):
+        """``_codecs.encode`` as protocols 0-2 use it (text -> bytes, latin-1); any other codec
+        (zlib_codec, bz2_codec, ... decompression bombs) is refused."""
+        if str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1") or not isinstance(obj, str):
+            raise UnsafePickleError(
+                f"refused to load {self._source}: it calls _codecs.encode with codec {encoding!r}; only "
+                "latin-1 (how pickle protocols 0-2 store bytes) is allowed"
+            )
+        return codecs.encode(obj, "latin-1", errors)
 
     def persistent_load(self, pid):
         raise UnsafePickleError(f"refused to load {self._source}: persistent ids are not allowed")
