@@ -1,0 +1,178 @@
+"""Evaluate the whole coarse-to-fine pipeline on the val or test split.
+
+    python -m spatialoc_ros.evaluation.pipeline --base_path DATA \
+        --path_coarse checkpoints/C/best.pth --path_fine checkpoints/F/best.pth [--use_test_set] \
+        [--out_json pipeline.json] [--plots_dir plots/]
+
+Runs every query through :class:`spatialoc_ros.inference.Localizer` (the ROS node's path) against
+all cells of the split and prints:
+
+* coarse retrieval recall@1/3/5;
+* localisation recall for top-1/5/10 at 5/10/15 m (world position = bbox_w[0:2] + mu * cell_size,
+  min over the first k hypotheses, cells of another scene infinitely far);
+* UGFL calibration: for the top-1 hypothesis when its cell is the right one, and for the fine
+  stage run on the ground-truth cell, the share of true positions inside the 1/2/3-sigma ellipses
+  (expected 39.3 / 86.5 / 98.9 %) and the mean negative log-likelihood in metres.
+
+``--plots_dir`` draws recall curves and a map of one scene with true / predicted positions and
+2-sigma ellipses.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from spatialoc_ros.data.loading import load_split, query_text
+from spatialoc_ros.evaluation import metrics, plots
+from spatialoc_ros.evaluation.args import (
+    add_common_eval_args, check_eval_args, check_features, split_name, write_json,
+)
+from spatialoc_ros.evaluation.coarse import resolve_data
+from spatialoc_ros.inference import Localizer, resolve_device, shipped_checkpoint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m spatialoc_ros.evaluation.pipeline",
+        description="Coarse-to-fine localisation recall and UGFL calibration on KITTI360Pose-style data.",
+    )
+    add_common_eval_args(parser, default_top_k=[1, 5, 10])
+    g = parser.add_argument_group("fine stage")
+    g.add_argument("--path_fine", type=str, default=None,
+                   help="fine (UGFL) checkpoint (default: the one shipped with the package)")
+    g.add_argument("--coarse_top_k", type=int, nargs="+", default=[1, 3, 5],
+                   help="k of the coarse retrieval table (default 1 3 5)")
+    g.add_argument("--map_scene", type=str, default=None,
+                   help="scene drawn in the map figure (short name such as 0003; default: the split's first)")
+    return parser
+
+
+def evaluate(localizer: Localizer, data, args: argparse.Namespace, progress: bool = True) -> dict:
+    """Run the localiser on the split's queries; return every number (and arrays for the plots)."""
+    poses = data.poses[: args.max_queries] if args.max_queries else data.poses
+    texts = [query_text(p) for p in poses]
+    true_ids = [p.cell_id for p in poses]
+    true_xy = np.array([np.asarray(p.pose_w, dtype=np.float64)[0:2] for p in poses])
+    true_scenes = [p.scene_name for p in poses]
+    kmax = min(max(max(args.top_k), max(args.coarse_top_k)), localizer.num_cells)
+
+    t0 = time.perf_counter()
+    hyps = localizer.localize_many(texts, top_k=kmax, progress=progress)
+    t_loc = time.perf_counter() - t0
+    timings = dict(localizer.timings)
+
+    ids = [[h.cell_id for h in row] for row in hyps]
+    coarse = metrics.coarse_recall(ids, true_ids, args.coarse_top_k)
+    pred_xy = np.array([[h.mean_xy for h in row] for row in hyps])  # (Q, K, 2)
+    dist = metrics.localization_distances(pred_xy, [[h.scene for h in row] for row in hyps], true_xy, true_scenes)
+    loc = metrics.localization_recall(dist, args.top_k, args.threshs)
+
+    right = np.array([row[0].cell_id == t for row, t in zip(hyps, true_ids)])
+    top1_mean = np.array([row[0].mean_xy for row in hyps])
+    top1_cov = np.array([row[0].cov_xy for row in hyps])
+    calib_top1 = metrics.calibration_summary(top1_mean[right], top1_cov[right], true_xy[right])
+
+    t0 = time.perf_counter()
+    gt = localizer.predict_in_cells(texts, true_ids, progress=progress)
+    t_gt = time.perf_counter() - t0
+    calib_gt = metrics.calibration_summary(np.array([h.mean_xy for h in gt]), np.array([h.cov_xy for h in gt]), true_xy)
+
+    return {
+        "num_queries": len(poses),
+        "num_cells": localizer.num_cells,
+        "coarse_recall": coarse,
+        "localization_recall": loc,
+        "calibration": {"top1_right_cell": calib_top1, "ground_truth_cell": calib_gt},
+        "time_s": {"localize_all": t_loc, "fine_on_ground_truth_cells": t_gt},
+        "ms_per_query": {k: v / max(len(poses), 1) for k, v in timings.items()},
+        "_arrays": {"dist": dist, "true_xy": true_xy, "top1_mean": top1_mean, "top1_cov": top1_cov,
+                    "right": right, "true_scenes": true_scenes},
+    }
+
+
+def print_report(res: dict, split: str) -> None:
+    title = f"({split}, {res['num_queries']} queries, {res['num_cells']} cells)"
+    print(metrics.format_coarse_table(res["coarse_recall"], f"Coarse retrieval recall {title}"))
+    print(metrics.format_localization_table(res["localization_recall"], f"Localisation recall {title}"))
+    print(metrics.format_calibration(res["calibration"]["top1_right_cell"],
+                                     "UGFL calibration, top-1 hypothesis when its cell is right"))
+    print(metrics.format_calibration(res["calibration"]["ground_truth_cell"],
+                                     "UGFL calibration, fine stage on the ground-truth cell"))
+    ms = res["ms_per_query"]
+    print(f"[eval] per query: text {ms['text_ms']:.2f} ms, retrieval {ms['retrieval_ms']:.2f} ms, "
+          f"fine {ms['fine_ms']:.2f} ms (batched)")
+
+
+def draw_plots(res: dict, data, args: argparse.Namespace, split: str) -> list[str]:
+    folder = plots.ensure_dir(args.plots_dir)
+    arr = res["_arrays"]
+    out = [plots.plot_recall_curves(arr["dist"], args.top_k, os.path.join(folder, "recall_curves.png"),
+                                    title=f"Localisation recall ({split})")]
+    scene = args.map_scene
+    scenes = sorted(set(arr["true_scenes"]))
+    if scene is None:
+        scene = scenes[0]
+    elif scene not in scenes:
+        print(f"[plots] --map_scene {scene} has no queries in this split ({', '.join(scenes)}); "
+              f"drawing {scenes[0]}", file=sys.stderr)
+        scene = scenes[0]
+    sel = np.array([s == scene for s in arr["true_scenes"]])
+    bbox = np.stack([np.asarray(c.bbox_w, dtype=np.float64) for c in data.cells if c.scene_name == scene])
+    out.append(plots.plot_scene_map(
+        bbox, arr["true_xy"][sel], arr["top1_mean"][sel], arr["top1_cov"][sel], arr["right"][sel],
+        os.path.join(folder, f"map_{scene}.png"),
+        title=f"Scene {scene}: true positions (black), top-1 means with 2-sigma ellipses",
+    ))
+    for p in out:
+        print(f"[plots] wrote {p}")
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_eval_args(args, parser)
+    if any(k < 1 for k in args.coarse_top_k):
+        parser.error("--coarse_top_k values must be >= 1")
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    device, note = resolve_device(args.device)
+    if note:
+        print(f"[device] {note}", file=sys.stderr)
+
+    path_coarse = args.path_coarse or shipped_checkpoint("coarse")
+    path_fine = args.path_fine or shipped_checkpoint("fine")
+    localizer = Localizer.from_checkpoints(path_coarse, path_fine, text_model=args.text_model,
+                                           device=str(device), batch_size=args.batch_size)
+    check_features(args, localizer.coarse_cfg, "coarse")
+    check_features(args, localizer.fine_cfg, "fine")
+
+    split = split_name(args)
+    data = load_split(resolve_data(args), split, with_direction=False)
+    print(f"[eval] {split}: {len(data.poses)} queries, {len(data.cells)} cells ({', '.join(data.scenes)}) "
+          f"on {device}; sigma scale {localizer.sigma_scale:.3f}")
+    t0 = time.perf_counter()
+    localizer.set_map(data.cells, progress=not args.no_progress)
+    t_map = time.perf_counter() - t0
+    res = evaluate(localizer, data, args, progress=not args.no_progress)
+    res["time_s"]["map_embedding"] = t_map
+    print_report(res, split)
+    plot_files = draw_plots(res, data, args, split) if args.plots_dir else []
+    arrays = res.pop("_arrays")
+    write_json(args.out_json, {
+        "split": split, "scenes": data.scenes, "path_coarse": path_coarse, "path_fine": path_fine,
+        "device": str(device), "sigma_scale": localizer.sigma_scale, "plots": plot_files,
+        **res,
+        "top1_right_cell_share": float(np.mean(arrays["right"])),
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

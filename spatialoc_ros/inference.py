@@ -1,0 +1,480 @@
+"""Text-to-position localisation on a map of cells: the one inference path shared by the evaluation
+CLIs, the benchmarks and the ROS node.
+
+Pipeline of :meth:`Localizer.localize`:
+
+1. **Text.** The query is split into hint sentences (at most :data:`MAX_HINTS`, each cut to the
+   language model's ``max_tokens``), encoded by the frozen language model (cached per sentence
+   when ``fixed_embedding``) and by the coarse model's text side.
+2. **Retrieval.** Every map cell was embedded once by :meth:`Localizer.set_map`. A query is scored
+   against all cells at every level (global, object, relation) and the levels are combined with
+   the model's rule (z-score over the cells, then sum). Maps larger than ``preselect_above`` cells
+   first keep the ``preselect_top`` cells by the global descriptor alone and re-rank only those with
+   all levels (the z-scores are then taken over the pre-selected cells).
+3. **Fine.** UGFL runs on the query and each of the top-k cells in one batch and gives a 2-D
+   Gaussian in cell units. World mean = ``bbox_w[0:2] + mu * cell_size``; world covariance =
+   ``s^2 * L L^T * cell_size^2`` (m^2), where ``s`` is the scalar calibration factor stored in the
+   fine checkpoint's ``extra['sigma_scale']`` (1 when absent). The covariance is symmetrised and its
+   eigenvalues are floored at :data:`MIN_VARIANCE_M2`, so it is always symmetric, finite and PSD.
+
+Without a fine model, each hypothesis sits at its cell's centre with the covariance of a uniform
+distribution over the cell (cell_size^2 / 12 per axis).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from spatialoc_ros.data.kitti360pose import Cell
+
+#: Hint sentences kept per query (the data set uses 6; longer texts are cut, not refused).
+MAX_HINTS = 12
+#: Floor on the eigenvalues of a published covariance (m^2).
+MIN_VARIANCE_M2 = 1e-4
+#: Default size of the global-descriptor pre-selection, and the map size from which it is used.
+PRESELECT_TOP = 200
+PRESELECT_ABOVE = 20000
+#: Folder of the shipped checkpoints (coarse.pth, fine.pth), found relative to this module.
+CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "checkpoints")
+
+
+def shipped_checkpoint(kind: str) -> str:
+    """Path of the checkpoint shipped with the package for ``kind`` ('coarse' or 'fine')."""
+    if kind not in ("coarse", "fine"):
+        raise ValueError(f"kind must be 'coarse' or 'fine', got {kind!r}")
+    return os.path.join(CHECKPOINT_DIR, f"{kind}.pth")
+
+
+def resolve_device(name: str) -> tuple[torch.device, Optional[str]]:
+    """Map 'auto' | 'cpu' | 'cuda' | 'cuda:N' to a usable torch.device.
+
+    Returns (device, note): note is None, or a sentence saying why the device differs from the
+    request (CUDA asked for but absent -> CPU).
+    """
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")), None
+    if name == "cpu":
+        return torch.device("cpu"), None
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            return torch.device("cpu"), f"device '{name}' requested but CUDA is not available; using the CPU"
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return torch.device("cpu"), (
+                f"device '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) exist; "
+                "using the CPU"
+            )
+        return dev, None
+    raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda' (or 'cuda:N')")
+
+
+def parse_query(text: str, max_hints: int = MAX_HINTS) -> list[str]:
+    """Split a query text into hint sentences; raise ValueError when there is nothing to use."""
+    from spatialoc_ros.models.text_encoder import split_hints
+
+    if not isinstance(text, str):
+        raise ValueError(f"the query must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(
+            "the query text is empty; describe the position with hint sentences such as "
+            "'The pose is west of a gray building.'"
+        )
+    hints = [h for h in split_hints(text) if any(ch.isalnum() for ch in h)]
+    if not hints:
+        raise ValueError(
+            f"the query text {text[:80]!r} holds no hint sentence (no words); describe the position "
+            "with sentences such as 'The pose is west of a gray building.'"
+        )
+    return hints[:max_hints]
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One localisation hypothesis (world metres, map frame of the cells' ``bbox_w``).
+
+    ``score``: the combined retrieval score of the cell (higher is better; NaN when the cell was
+    given, not retrieved); ``mean_xy`` (2,) world position; ``cov_xy`` (2, 2) covariance in m^2,
+    symmetric PSD finite; ``pos_in_cell`` (2,) the mean normalised to the cell; ``bbox_w`` (6,).
+    """
+
+    cell_id: str
+    scene: str
+    score: float
+    mean_xy: np.ndarray
+    cov_xy: np.ndarray
+    pos_in_cell: np.ndarray
+    bbox_w: np.ndarray
+
+
+# --- helpers on the models' dataclasses of tensors ------------------------------------------------
+def _map_tensors(obj, fn):
+    """Apply ``fn`` to every tensor field of a dataclass instance; other fields are kept."""
+    values = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        values[f.name] = fn(v) if isinstance(v, torch.Tensor) else v
+    return type(obj)(**values)
+
+
+def _take(obj, idx):
+    """Rows ``idx`` (along dim 0) of every tensor field."""
+    return _map_tensors(obj, lambda t: t[idx])
+
+
+def _concat(objs: Sequence):
+    """Concatenate the tensor fields of same-typed dataclass instances along dim 0."""
+    first = objs[0]
+    values = {}
+    for f in dataclasses.fields(first):
+        v = getattr(first, f.name)
+        values[f.name] = torch.cat([getattr(o, f.name) for o in objs], dim=0) if isinstance(v, torch.Tensor) else v
+    return type(first)(**values)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def safe_covariance(cov: np.ndarray, fallback_var: float) -> np.ndarray:
+    """Symmetrise, floor the eigenvalues at MIN_VARIANCE_M2; non-finite input -> fallback_var * I."""
+    cov = np.asarray(cov, dtype=np.float64)
+    if not np.all(np.isfinite(cov)):
+        return np.eye(2) * fallback_var
+    cov = 0.5 * (cov + cov.T)
+    w, v = np.linalg.eigh(cov)
+    w = np.clip(w, MIN_VARIANCE_M2, None)
+    out = (v * w) @ v.T
+    return 0.5 * (out + out.T)
+
+
+@dataclass
+class FinePrediction:
+    """Fine-stage output for B (query, cell) pairs, cell units: mean (B, 2), covariance (B, 2, 2)."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+
+
+class Localizer:
+    """Coarse-to-fine localisation of texts on a map of cells (see the module docstring).
+
+    Build it with :meth:`from_checkpoints` (or directly from models, as the training loops do),
+    give it a map with :meth:`set_map`, then call :meth:`localize` / :meth:`localize_many`.
+    """
+
+    def __init__(
+        self,
+        coarse_model: Optional[torch.nn.Module],
+        coarse_cfg=None,
+        fine_model: Optional[torch.nn.Module] = None,
+        fine_cfg=None,
+        device: str | torch.device = "auto",
+        text_model: Optional[str] = None,
+        fixed_embedding: bool = True,
+        max_tokens: int = 32,
+        sigma_scale: float = 1.0,
+        batch_size: int = 64,
+        preselect_top: int = PRESELECT_TOP,
+        preselect_above: int = PRESELECT_ABOVE,
+        text_encoders: Optional[dict] = None,
+    ) -> None:
+        if coarse_model is None and fine_model is None:
+            raise ValueError("a Localizer needs a coarse model, a fine model or both")
+        if isinstance(device, torch.device):
+            self.device, self.device_note = device, None
+        else:
+            self.device, self.device_note = resolve_device(device)
+        self.coarse = coarse_model.to(self.device).eval() if coarse_model is not None else None
+        self.fine = fine_model.to(self.device).eval() if fine_model is not None else None
+        self.coarse_cfg = coarse_cfg
+        self.fine_cfg = fine_cfg
+        if not (sigma_scale > 0 and math.isfinite(sigma_scale)):
+            raise ValueError(f"sigma_scale must be a positive finite number, got {sigma_scale}")
+        self.sigma_scale = float(sigma_scale)
+        self.batch_size = int(batch_size)
+        self.preselect_top = int(preselect_top)
+        self.preselect_above = int(preselect_above)
+        self.max_tokens = int(max_tokens)
+        self._hint_encoders = self._build_hint_encoders(text_model, fixed_embedding, text_encoders)
+        self.timings: dict[str, float] = {"text_ms": 0.0, "retrieval_ms": 0.0, "fine_ms": 0.0}
+        self._cells: Optional[list[Cell]] = None
+        self._index = None  # CellEmbedding of all cells (coarse model), on self.device
+        self._fine_cache: dict[int, object] = {}
+
+    # --- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoints(
+        cls,
+        coarse_path: Optional[str] = None,
+        fine_path: Optional[str] = None,
+        text_model: Optional[str] = None,
+        device: str = "auto",
+        fixed_embedding: bool = True,
+        **kwargs,
+    ) -> "Localizer":
+        """Load the coarse and fine checkpoints (None -> the shipped ones) onto ``device``.
+
+        ``text_model`` overrides the language model named in the checkpoints (e.g. a local folder
+        holding the same model); its feature width must match the one the models were trained with.
+        """
+        from spatialoc_ros.models.checkpoint import load_checkpoint
+
+        dev, note = resolve_device(device)
+        coarse_path = coarse_path or shipped_checkpoint("coarse")
+        fine_path = fine_path or shipped_checkpoint("fine")
+        coarse, ccfg, cextra = load_checkpoint(coarse_path, "coarse", dev)
+        fine, fcfg, fextra = load_checkpoint(fine_path, "fine", dev)
+        kwargs.setdefault("max_tokens", int((cextra or {}).get("max_tokens", 32)))
+        kwargs.setdefault("sigma_scale", float((fextra or {}).get("sigma_scale", 1.0)))
+        loc = cls(coarse, ccfg, fine, fcfg, device=dev, text_model=text_model,
+                  fixed_embedding=fixed_embedding, **kwargs)
+        loc.device_note = note
+        return loc
+
+    def _build_hint_encoders(self, text_model, fixed_embedding, given) -> dict:
+        """One HintEncoder per stage; stages naming the same language model share one."""
+        from spatialoc_ros.models.text_encoder import FrozenTextEncoder, HintEncoder
+
+        encoders: dict[str, object] = dict(given or {})
+        by_name: dict[str, object] = {}
+        for stage, cfg in (("coarse", self.coarse_cfg), ("fine", self.fine_cfg)):
+            if cfg is None or stage in encoders:
+                continue
+            name = text_model or cfg.text_model
+            if name not in by_name:
+                enc = FrozenTextEncoder(name, device=str(self.device), max_tokens=self.max_tokens)
+                by_name[name] = HintEncoder(enc, cache=fixed_embedding)
+            hint_encoder = by_name[name]
+            dim = hint_encoder.text_encoder.dim if hasattr(hint_encoder, "text_encoder") else None
+            if dim is not None and dim != cfg.text_dim:
+                raise ValueError(
+                    f"the language model {name!r} gives {dim}-wide features but the {stage} model was "
+                    f"trained on {cfg.text_dim}-wide ones ({cfg.text_model!r}); pass that model"
+                )
+            encoders[stage] = hint_encoder
+        return encoders
+
+    # --- map ---------------------------------------------------------------------------------------
+    @property
+    def num_cells(self) -> int:
+        return 0 if self._cells is None else len(self._cells)
+
+    @property
+    def cells(self) -> list[Cell]:
+        self._require_map()
+        return list(self._cells)
+
+    def _require_map(self) -> None:
+        if self._cells is None:
+            raise ValueError("no map set: call Localizer.set_map(cells) before localising")
+
+    @torch.no_grad()
+    def set_map(self, cells: Sequence[Cell], progress: bool = True) -> None:
+        """Embed every cell once (batched) into the retrieval index and make it the map.
+
+        All-or-nothing: when a cell cannot be embedded (ValueError, e.g. an unknown class), the
+        previous map stays in place.
+        """
+        from spatialoc_ros.models.cell_tensors import cells_to_batch
+
+        cells = list(cells)
+        if not cells:
+            raise ValueError("set_map needs at least one cell")
+        ids = [c.id for c in cells]
+        if len(set(ids)) != len(ids):
+            raise ValueError("cell ids of a map must be unique")
+        for c in cells:
+            if not (float(c.cell_size) > 0 and np.all(np.isfinite(np.asarray(c.bbox_w, dtype=np.float64)))):
+                raise ValueError(f"cell {c.id} has an invalid cell_size or bbox_w")
+        index = None
+        if self.coarse is not None:
+            cfg = self.coarse_cfg
+            parts = []
+            bs = max(self.batch_size, 1)
+            for start in tqdm(range(0, len(cells), bs), desc="embedding map cells", disable=not progress,
+                              unit="batch", leave=False):
+                batch = cells_to_batch(cells[start:start + bs], max_objects=cfg.max_objects,
+                                       num_points=cfg.num_points, rng=None).to(self.device)
+                parts.append(self.coarse.encode_cells(batch))
+            index = _concat(parts)
+        self._cells = cells
+        self._id_to_index = {cid: i for i, cid in enumerate(ids)}
+        self._bbox = np.stack([np.asarray(c.bbox_w, dtype=np.float64) for c in cells])
+        self._size = np.array([float(c.cell_size) for c in cells])
+        self._fine_cache = {}
+        self._index = index
+
+    # --- text ----------------------------------------------------------------------------------
+    def _hint_batch(self, stage: str, hints: list[list[str]]):
+        return self._hint_encoders[stage].batch(hints, self.device)
+
+    # --- retrieval ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _retrieve(self, text_emb, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k cell indices and combined scores for a batch of encoded queries: (B, k) each."""
+        n = self.num_cells
+        k = min(top_k, n)
+        if n > self.preselect_above and self.preselect_top < n:
+            return self._retrieve_preselect(text_emb, k)
+        sims = self.coarse.similarity(text_emb, self._index)  # {level: (B, N)}
+        scores = self.coarse.combined_scores(sims)  # (B, N)
+        top = torch.topk(scores, k, dim=1)
+        return top.indices.cpu().numpy(), top.values.float().cpu().numpy()
+
+    def _retrieve_preselect(self, text_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
+        glob = text_emb.global_ @ self._index.global_.T  # (B, N)
+        cand = torch.topk(glob, max(self.preselect_top, k), dim=1).indices  # (B, M)
+        idx_out, val_out = [], []
+        for b in range(cand.shape[0]):
+            sub = _take(self._index, cand[b])
+            sims = self.coarse.similarity(_take(text_emb, slice(b, b + 1)), sub)
+            scores = self.coarse.combined_scores(sims)[0]  # (M,)
+            top = torch.topk(scores, k)
+            idx_out.append(cand[b][top.indices].cpu().numpy())
+            val_out.append(top.values.float().cpu().numpy())
+        return np.stack(idx_out), np.stack(val_out)
+
+    # --- fine --------------------------------------------------------------------------------------
+    def _fine_cells(self, cell_indices: Sequence[int]):
+        """CellBatch of the map cells ``cell_indices`` for the fine model (cached per cell)."""
+        from spatialoc_ros.models.cell_tensors import cells_to_batch
+
+        missing = [i for i in dict.fromkeys(cell_indices) if i not in self._fine_cache]
+        if missing:
+            if len(self._fine_cache) + len(missing) > 20000:
+                self._fine_cache = {}
+            cfg = self.fine_cfg
+            batch = cells_to_batch([self._cells[i] for i in missing], max_objects=cfg.max_objects,
+                                   num_points=cfg.num_points, rng=None)
+            for j, i in enumerate(missing):
+                self._fine_cache[i] = batch.index(slice(j, j + 1))
+        return _concat([self._fine_cache[i] for i in cell_indices])
+
+    @torch.no_grad()
+    def _predict_fine(self, hint_batch, cell_indices: np.ndarray) -> FinePrediction:
+        """Gaussians (cell units) for queries (B) x cells (B, K): mean (B, K, 2), cov (B, K, 2, 2)."""
+        B, K = cell_indices.shape
+        if self.fine is None:
+            mean = np.full((B, K, 2), 0.5)
+            cov = np.broadcast_to(np.eye(2) / 12.0, (B, K, 2, 2)).copy()
+            return FinePrediction(mean, cov)
+        rep = torch.arange(B, device=hint_batch.tokens.device).repeat_interleave(K)
+        hints = _take(hint_batch, rep)
+        cells = self._fine_cells([int(i) for i in cell_indices.reshape(-1)]).to(self.device)
+        means, covs = [], []
+        step = max(self.batch_size, 1) * 4
+        for s in range(0, B * K, step):
+            g = self.fine(_take(hints, slice(s, s + step)), cells.index(slice(s, s + step)))
+            means.append(g.mean.float().cpu())
+            covs.append(g.covariance.float().cpu())
+        mean = torch.cat(means).numpy().astype(np.float64).reshape(B, K, 2)
+        cov = torch.cat(covs).numpy().astype(np.float64).reshape(B, K, 2, 2) * self.sigma_scale**2
+        return FinePrediction(mean, cov)
+
+    def _hypotheses(self, idx_row, score_row, mean_row, cov_row) -> list[Hypothesis]:
+        out = []
+        for i, s, mu, cov in zip(idx_row, score_row, mean_row, cov_row):
+            i = int(i)
+            size = self._size[i]
+            if not np.all(np.isfinite(mu)):
+                mu = np.array([0.5, 0.5])
+            cov_m = safe_covariance(cov * size * size, fallback_var=size * size / 12.0)
+            cell = self._cells[i]
+            out.append(Hypothesis(
+                cell_id=cell.id,
+                scene=str(cell.scene_name),
+                score=float(s),
+                mean_xy=self._bbox[i, 0:2] + mu * size,
+                cov_xy=cov_m,
+                pos_in_cell=np.asarray(mu, dtype=np.float64).copy(),
+                bbox_w=self._bbox[i].copy(),
+            ))
+        return out
+
+    # --- public API --------------------------------------------------------------------------------
+    def localize(self, text: str, top_k: int = 5) -> list[Hypothesis]:
+        """The top_k hypotheses for one query text, best first (see the module docstring)."""
+        return self.localize_many([text], top_k)[0]
+
+    @torch.no_grad()
+    def localize_many(self, texts: Sequence[str], top_k: int = 5, progress: bool = False) -> list[list[Hypothesis]]:
+        """:meth:`localize` for many texts, batched; ``timings`` sums the whole call."""
+        self._require_map()
+        if self.coarse is None:
+            raise ValueError("this Localizer has no coarse model: use predict_in_cells")
+        if int(top_k) < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        hints = [parse_query(t) for t in texts]
+        timings = {"text_ms": 0.0, "retrieval_ms": 0.0, "fine_ms": 0.0}
+        results: list[list[Hypothesis]] = []
+        bs = max(self.batch_size, 1)
+        for start in tqdm(range(0, len(hints), bs), desc="localising", disable=not progress, unit="batch"):
+            chunk = hints[start:start + bs]
+            t0 = time.perf_counter()
+            hb = self._hint_batch("coarse", chunk)
+            text_emb = self.coarse.encode_text(hb)
+            hb_fine = self._hint_batch("fine", chunk) if self.fine is not None else None
+            _sync(self.device)
+            t1 = time.perf_counter()
+            idx, scores = self._retrieve(text_emb, int(top_k))
+            _sync(self.device)
+            t2 = time.perf_counter()
+            pred = self._predict_fine(hb_fine, idx)
+            _sync(self.device)
+            t3 = time.perf_counter()
+            timings["text_ms"] += 1e3 * (t1 - t0)
+            timings["retrieval_ms"] += 1e3 * (t2 - t1)
+            timings["fine_ms"] += 1e3 * (t3 - t2)
+            for b in range(len(chunk)):
+                results.append(self._hypotheses(idx[b], scores[b], pred.mean[b], pred.cov[b]))
+        self.timings = timings
+        return results
+
+    @torch.no_grad()
+    def rank(self, texts: Sequence[str], top_k: int = 5, progress: bool = False) -> np.ndarray:
+        """Coarse stage only: (len(texts), min(top_k, num_cells)) map indices, best first."""
+        self._require_map()
+        if self.coarse is None:
+            raise ValueError("this Localizer has no coarse model")
+        hints = [parse_query(t) for t in texts]
+        out = []
+        bs = max(self.batch_size, 1)
+        for start in tqdm(range(0, len(hints), bs), desc="retrieving", disable=not progress, unit="batch"):
+            text_emb = self.coarse.encode_text(self._hint_batch("coarse", hints[start:start + bs]))
+            out.append(self._retrieve(text_emb, int(top_k))[0])
+        return np.concatenate(out, axis=0)
+
+    @torch.no_grad()
+    def predict_in_cells(self, texts: Sequence[str], cell_ids: Sequence[str], progress: bool = False) -> list[Hypothesis]:
+        """Fine stage only: one hypothesis per (text, given map cell id); ``score`` is NaN."""
+        self._require_map()
+        if len(texts) != len(cell_ids):
+            raise ValueError(f"{len(texts)} texts for {len(cell_ids)} cell ids")
+        unknown = [c for c in cell_ids if c not in self._id_to_index]
+        if unknown:
+            raise ValueError(f"cell {unknown[0]!r} is not in the map")
+        hints = [parse_query(t) for t in texts]
+        out: list[Hypothesis] = []
+        bs = max(self.batch_size, 1) * 4
+        for start in tqdm(range(0, len(hints), bs), desc="fine in given cells", disable=not progress, unit="batch"):
+            chunk = hints[start:start + bs]
+            idx = np.array([[self._id_to_index[c]] for c in cell_ids[start:start + bs]])
+            hb = self._hint_batch("fine", chunk) if self.fine is not None else None
+            pred = self._predict_fine(hb, idx)
+            for b in range(len(chunk)):
+                out.extend(self._hypotheses(idx[b], [float("nan")], pred.mean[b], pred.cov[b]))
+        return out
+
+    def cell_index(self, cell_id: str) -> int:
+        self._require_map()
+        return self._id_to_index[cell_id]

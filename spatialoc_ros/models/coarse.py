@@ -1,0 +1,276 @@
+"""Coarse stage: text-to-cell retrieval with multi-level similarities (SpatiaLoc).
+
+Text side (from frozen token features):
+    tokens (B, H, T, Dt) -> attention pooling over tokens + MLP -> hint features (B, H, D)
+    hint features -> transformer over the hints -> hint context (B, H, D)
+    object level   : per-hint features  -> linear -> L2-normalised (what each hint names)
+    relation level : per-hint context   -> linear -> L2-normalised (the hint among the others)
+    global         : masked max over the context -> MLP -> L2-normalised query vector
+Cell side:
+    ObjectEncoder -> object tokens (B, O, D)
+    object level   : tokens -> linear -> L2-normalised
+    BEOSE (use_beose) -> tokens enriched by their spatial relations + a relation descriptor per
+                     object -> relation level: linear(enriched token ++ relation descriptor),
+                     L2-normalised (the object in the context of its neighbours)
+    global         : FAE(enriched tokens) when use_fae, else MLP(masked mean ++ masked max);
+                     L2-normalised
+Similarities (each (Bt, Bc)):
+    'global'   : cosine of the two global vectors
+    'object'   : for each real hint, the best cosine over the cell's real objects; mean over hints
+    'relation' : the same rule between hint-context vectors and per-object BEOSE vectors: both
+                 describe one entity in the context of the others (a hint among the other hints
+                 of the query, an object among its cell neighbours). Only
+                 present when use_beose is True; without BEOSE there is no cell-side relation
+                 descriptor and the level is omitted everywhere (sims, losses, combined scores).
+``combined_scores`` z-scores each level over the cells of a row and sums the levels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from spatialoc_ros.models.beose import BEOSE
+from spatialoc_ros.models.cell_tensors import CellBatch
+from spatialoc_ros.models.fae import FAE
+from spatialoc_ros.models.layers import AttentionPool, MaskedBatchNorm, masked_max, masked_mean, mlp
+from spatialoc_ros.models.text_encoder import HintBatch
+
+#: Written for padded objects before the max over objects: below any cosine similarity.
+_NO_OBJECT_SCORE = -2.0
+#: Upper bound on the number of float scores held at once by the object / relation levels.
+_SCORE_CHUNK_ELEMENTS = 1 << 24
+_Z_EPS = 1e-6
+
+
+@dataclass
+class TextEmbedding:
+    """Query embeddings; every vector is L2-normalised."""
+
+    global_: torch.Tensor  # (B, D)
+    objects: torch.Tensor  # (B, H, D) per-hint object-level vectors
+    hint_mask: torch.Tensor  # (B, H) bool
+    relations: Optional[torch.Tensor] = None  # (B, H, D) per-hint relation-level vectors
+
+    def to(self, device) -> "TextEmbedding":
+        return TextEmbedding(*[None if v is None else v.to(device) for v in _values(self)])
+
+    def index(self, idx) -> "TextEmbedding":
+        return TextEmbedding(*[None if v is None else v[idx] for v in _values(self)])
+
+
+@dataclass
+class CellEmbedding:
+    """Cell embeddings; every vector is L2-normalised, padded objects are zero vectors."""
+
+    global_: torch.Tensor  # (B, D)
+    objects: torch.Tensor  # (B, O, D)
+    mask: torch.Tensor  # (B, O) bool
+    relations: Optional[torch.Tensor] = None  # (B, O, D) per-object relation descriptors
+
+    def to(self, device) -> "CellEmbedding":
+        return CellEmbedding(*[None if v is None else v.to(device) for v in _values(self)])
+
+    def index(self, idx) -> "CellEmbedding":
+        return CellEmbedding(*[None if v is None else v[idx] for v in _values(self)])
+
+    @staticmethod
+    def cat(parts: Sequence["CellEmbedding"]) -> "CellEmbedding":
+        """Concatenate embeddings of several cell batches along B."""
+        columns = list(zip(*[_values(p) for p in parts]))
+        return CellEmbedding(*[None if c[0] is None else torch.cat(c, dim=0) for c in columns])
+
+
+def _values(obj) -> list:
+    return [getattr(obj, f.name) for f in fields(obj)]
+
+
+def set_level_similarity(
+    queries: torch.Tensor, query_mask: torch.Tensor, items: torch.Tensor, item_mask: torch.Tensor
+) -> torch.Tensor:
+    """Best-match set similarity, chunked over cells.
+
+    queries (Bt, H, D), query_mask (Bt, H), items (Bc, O, D), item_mask (Bc, O) -> (Bt, Bc):
+    for every real query vector the best dot product over the real items, averaged over the real
+    query vectors. A cell without real items scores ``_NO_OBJECT_SCORE``.
+    """
+    Bt, H, D = queries.shape
+    Bc, O, _ = items.shape
+    chunk = max(1, _SCORE_CHUNK_ELEMENTS // max(1, Bt * H * O))
+    flat_queries = queries.reshape(Bt * H, D).T  # (D, Bt*H)
+    weights = query_mask.to(queries.dtype)  # (Bt, H)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+    out = []
+    for start in range(0, Bc, chunk):
+        part, part_mask = items[start:start + chunk], item_mask[start:start + chunk]
+        n = part.shape[0]
+        # one plain matmul (the fastest form on CPU): (n*O, D) @ (D, Bt*H)
+        scores = (part.reshape(n * O, D) @ flat_queries).view(n, O, Bt, H)
+        scores = scores.masked_fill(~part_mask[:, :, None, None], _NO_OBJECT_SCORE)
+        best = scores.max(dim=1).values  # (n, Bt, H)
+        out.append(torch.einsum("cth,th->tc", best, weights))
+    return torch.cat(out, dim=1)
+
+
+def combined_scores(sims: dict) -> torch.Tensor:
+    """Evaluation rule: z-score every level over the cells of each row (dim 1) and sum them.
+
+    sims: {level: (Bt, Bc)} -> (Bt, Bc). Works for one query against N cells (Bt = 1).
+    """
+    if not sims:
+        raise ValueError("combined_scores needs at least one similarity level")
+    total = None
+    for level, s in sims.items():
+        assert s.dim() == 2, f"level {level!r} must be (Bt, Bc), got {tuple(s.shape)}"
+        z = (s - s.mean(dim=1, keepdim=True)) / (s.std(dim=1, unbiased=False, keepdim=True) + _Z_EPS)
+        total = z if total is None else total + z
+    return total
+
+
+class HintContextEncoder(nn.Module):
+    """Token features (B, H, T, Dt) -> (hint features (B, H, D), hint context (B, H, D))."""
+
+    def __init__(self, *, text_dim: int, embed_dim: int, num_layers: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.token_pool = AttentionPool(in_dim=text_dim, hidden_dim=embed_dim // 2)
+        self.hint_mlp = mlp([text_dim, embed_dim, embed_dim], dropout=dropout)
+        layer = nn.TransformerEncoderLayer(
+            embed_dim, num_heads, dim_feedforward=2 * embed_dim, dropout=dropout,
+            batch_first=True, norm_first=True,
+        )
+        self.context = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+    def forward(self, hints: HintBatch):
+        if not bool(hints.hint_mask.any(dim=1).all()):
+            raise ValueError("every query needs at least one hint")
+        pooled = self.token_pool(hints.tokens, hints.token_mask)  # (B, H, Dt)
+        features = self.hint_mlp(pooled)  # (B, H, D)
+        context = self.context(features, src_key_padding_mask=~hints.hint_mask)  # (B, H, D)
+        keep = hints.hint_mask.unsqueeze(-1).to(features.dtype)
+        return features * keep, context * keep
+
+
+class CoarseModel(nn.Module):
+    """Text-to-cell retrieval network (see the module docstring for the levels)."""
+
+    def __init__(
+        self,
+        *,
+        text_dim: int,
+        embed_dim: int,
+        object_encoder: nn.Module,
+        num_hidden_layers: int = 3,
+        num_heads: int = 4,
+        use_beose: bool = True,
+        beose_dim: int = 64,
+        bezier_samples: int = 4,
+        use_fae: bool = True,
+        fae_highpass_ratio: float = 0.7,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.use_beose = use_beose
+        self.use_fae = use_fae
+        # text side
+        self.hint_encoder = HintContextEncoder(
+            text_dim=text_dim, embed_dim=embed_dim, num_layers=num_hidden_layers,
+            num_heads=num_heads, dropout=dropout,
+        )
+        self.text_object_head = nn.Linear(embed_dim, embed_dim)
+        self.text_global_head = mlp([embed_dim, embed_dim, embed_dim], dropout=dropout)
+        # cell side
+        self.object_encoder = object_encoder
+        self.cell_object_head = nn.Linear(embed_dim, embed_dim)
+        # One centring BatchNorm per output, right before the L2 normalisation (see MaskedBatchNorm).
+        names = ["text_global", "text_object", "cell_global", "cell_object"]
+        names += ["text_relation", "cell_relation"] if use_beose else []
+        self.centre = nn.ModuleDict({name: MaskedBatchNorm(embed_dim) for name in names})
+        if use_beose:
+            self.beose = BEOSE(
+                embed_dim=embed_dim, rel_dim=beose_dim, num_layers=num_hidden_layers,
+                num_samples=bezier_samples, dropout=dropout,
+            )
+            self.text_relation_head = nn.Linear(embed_dim, embed_dim)
+            self.cell_relation_head = nn.Linear(2 * embed_dim, embed_dim)
+        if use_fae:
+            self.fae = FAE(embed_dim=embed_dim, highpass_ratio=fae_highpass_ratio, dropout=dropout)
+        else:
+            self.cell_pool = mlp([2 * embed_dim, embed_dim, embed_dim], dropout=dropout)
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """The similarity levels this model produces, in order."""
+        return ("global", "object", "relation") if self.use_beose else ("global", "object")
+
+    def encode_text(self, hints: HintBatch) -> TextEmbedding:
+        features, context = self.hint_encoder(hints)  # (B, H, D) each
+        mask = hints.hint_mask
+        objects = F.normalize(self.centre["text_object"](self.text_object_head(features), mask), dim=-1)
+        global_ = self.text_global_head(masked_max(context, mask, dim=1))
+        global_ = F.normalize(self.centre["text_global"](global_), dim=-1)
+        relations = None
+        if self.use_beose:
+            relations = self.centre["text_relation"](self.text_relation_head(context), mask)
+            relations = F.normalize(relations, dim=-1)
+        return TextEmbedding(global_, objects, mask, relations)
+
+    def encode_cells(self, cells: CellBatch) -> CellEmbedding:
+        mask = cells.mask
+        tokens = self.object_encoder(cells)  # (B, O, D)
+        objects = F.normalize(self.centre["cell_object"](self.cell_object_head(tokens), mask), dim=-1)
+        relations = None
+        enriched = tokens
+        if self.use_beose:
+            enriched, rel = self.beose(tokens, cells.center, mask)  # (B, O, D) each
+            relations = self.centre["cell_relation"](self.cell_relation_head(torch.cat([enriched, rel], dim=-1)), mask)
+            relations = F.normalize(relations, dim=-1)
+        if self.use_fae:
+            global_ = self.fae(enriched, mask)
+        else:
+            pooled = torch.cat([masked_mean(enriched, mask, dim=1), masked_max(enriched, mask, dim=1)], dim=-1)
+            global_ = self.cell_pool(pooled)
+        global_ = F.normalize(self.centre["cell_global"](global_), dim=-1)
+        return CellEmbedding(global_, objects, mask, relations)
+
+    def similarity(self, text: TextEmbedding, cells: CellEmbedding) -> dict:
+        """-> {level: (Bt, Bc)} for every level in ``self.levels``."""
+        sims = {
+            "global": text.global_ @ cells.global_.T,
+            "object": set_level_similarity(text.objects, text.hint_mask, cells.objects, cells.mask),
+        }
+        if self.use_beose:
+            if text.relations is None or cells.relations is None:
+                raise ValueError("this model has a relation level but an embedding lacks relations")
+            sims["relation"] = set_level_similarity(text.relations, text.hint_mask, cells.relations, cells.mask)
+        return sims
+
+    def level_summaries(self, text: TextEmbedding, cells: CellEmbedding) -> dict:
+        """One L2-normalised vector per query / cell and level, for the CCL distance weights.
+
+        -> {level: (text (Bt, D), cells (Bc, D))}; set levels use the masked mean of their vectors.
+        """
+        out = {
+            "global": (text.global_, cells.global_),
+            "object": (
+                F.normalize(masked_mean(text.objects, text.hint_mask, dim=1), dim=-1),
+                F.normalize(masked_mean(cells.objects, cells.mask, dim=1), dim=-1),
+            ),
+        }
+        if self.use_beose:
+            out["relation"] = (
+                F.normalize(masked_mean(text.relations, text.hint_mask, dim=1), dim=-1),
+                F.normalize(masked_mean(cells.relations, cells.mask, dim=1), dim=-1),
+            )
+        return out
+
+    def combined_scores(self, sims: dict) -> torch.Tensor:
+        """(Bt, Bc) evaluation scores: see :func:`combined_scores`."""
+        return combined_scores(sims)
+
+    def forward(self, hints: HintBatch, cells: CellBatch) -> dict:
+        """Convenience: similarities of a query batch against a cell batch."""
+        return self.similarity(self.encode_text(hints), self.encode_cells(cells))

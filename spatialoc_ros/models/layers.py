@@ -1,0 +1,96 @@
+"""Small building blocks shared by the model modules (MLPs and masked reductions).
+
+Masks are bool tensors, True = real entry. Every masked reduction returns zeros (not NaN) for a
+row without any real entry, so fully padded rows never poison a batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+#: Written in place of masked logits; exp() of it is exactly 0 in float32 and float16.
+_MASKED_LOGIT = -1e4
+
+
+def mlp(dims: list[int], dropout: float = 0.0, final_activation: bool = False) -> nn.Sequential:
+    """Linear layers of widths ``dims`` with ReLU (and dropout) between them.
+
+    No BatchNorm on purpose: batch statistics would let padded objects of one cell change the
+    features of another.
+    """
+    assert len(dims) >= 2, "an MLP needs at least an input and an output width"
+    layers: list[nn.Module] = []
+    for i in range(1, len(dims)):
+        layers.append(nn.Linear(dims[i - 1], dims[i]))
+        if i < len(dims) - 1 or final_activation:
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax over ``dim`` that gives weight 0 to masked entries; all-masked rows give zeros.
+
+    ``logits`` and ``mask`` broadcast together; the result has the broadcast shape.
+    """
+    mask = mask.expand_as(logits) if mask.shape != logits.shape else mask
+    weights = torch.softmax(logits.masked_fill(~mask, _MASKED_LOGIT), dim=dim)
+    return weights * mask.to(weights.dtype)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean of ``x`` (..., N, D) over ``dim`` (the N axis) counting only ``mask`` (..., N) entries."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    total = (x * m).sum(dim=dim)
+    count = m.sum(dim=dim).clamp_min(1.0)
+    return total / count
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Max of ``x`` (..., N, D) over ``dim`` (the N axis) among ``mask`` (..., N) entries; 0 if none."""
+    m = mask.unsqueeze(-1)
+    filled = x.masked_fill(~m, float("-inf"))
+    best = filled.max(dim=dim).values
+    any_valid = m.any(dim=dim)
+    return torch.where(any_valid, best, torch.zeros_like(best))
+
+
+class AttentionPool(nn.Module):
+    """Learned attention pooling of a set of vectors into one.
+
+    score_n = w^T tanh(W x_n); weights = masked softmax over n; out = sum_n weight_n x_n.
+    """
+
+    def __init__(self, *, in_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        # No bias on the last layer: a softmax ignores a shift shared by all entries.
+        self.score = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, 1, bias=False))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x: (..., N, D), mask: (..., N) bool -> (..., D)."""
+        logits = self.score(x).squeeze(-1)  # (..., N)
+        weights = masked_softmax(logits, mask, dim=-1)  # (..., N)
+        return torch.einsum("...n,...nd->...d", weights, x)
+
+
+class MaskedBatchNorm(nn.Module):
+    """BatchNorm without affine parameters over the last axis, using only real entries.
+
+    x: (..., D), mask: (...) bool or None -> (..., D), zero at masked entries. In training the
+    statistics come from the real entries of the batch (padding never contributes); in eval mode
+    the running statistics are used, so each sample is normalised on its own. Placed before an
+    L2 normalisation it removes the direction that all embeddings share at initialisation (with it,
+    similarities start spread out instead of all close to 1 and ranking losses learn at once).
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, momentum=momentum)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            return self.norm(x.reshape(-1, x.shape[-1])).view_as(x)
+        out = x.new_zeros(x.shape)
+        out[mask] = self.norm(x[mask])
+        return out

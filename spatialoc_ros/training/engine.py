@@ -1,0 +1,179 @@
+"""Pieces shared by the coarse and fine training loops: run folder, seeding, optimiser and schedule,
+the non-finite-loss guard, the per-epoch metrics CSV and resumable checkpoints."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import random
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+
+from spatialoc_ros.inference import resolve_device
+
+log = logging.getLogger(__name__)
+
+BEST_NAME = "best.pth"
+LAST_NAME = "last.pth"
+METRICS_NAME = "metrics.csv"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term or the gradient norm became NaN / inf; training cannot go on."""
+
+
+def check_finite(terms: dict[str, torch.Tensor], epoch: int, batch: int, lr: float) -> None:
+    """Raise :class:`NonFiniteLossError` naming the epoch, batch and term when one is not finite."""
+    for name, value in terms.items():
+        if not bool(torch.isfinite(value.detach()).all()):
+            raise NonFiniteLossError(
+                f"non-finite loss in epoch {epoch}, batch {batch}: term '{name}' = "
+                f"{value.detach().float().mean().item()} (learning rate {lr:g}). Training stopped; "
+                "lower --learning_rate, check the data, or --resume from the last good last.pth."
+            )
+
+
+def setup_runtime(args: argparse.Namespace) -> torch.device:
+    """Threads, seeds and device from the parsed flags; prints a note when the device changed."""
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device, note = resolve_device(args.device)
+    if note:
+        print(f"[device] {note}", file=sys.stderr)
+    print(f"[device] training on {device}")
+    return device
+
+
+def resolve_base_path(args: argparse.Namespace) -> str:
+    """--base_path, or the default synthetic city (generated when missing)."""
+    if args.base_path is not None:
+        return args.base_path
+    from spatialoc_ros.data.synthetic import ensure_default_city
+
+    path = ensure_default_city(log=print)
+    print(f"[data] no --base_path: using the default synthetic city at {path}")
+    return path
+
+
+def run_folder(args: argparse.Namespace) -> str:
+    path = os.path.join(args.checkpoint_root, args.folder_name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def write_run_args(folder: str, args: argparse.Namespace) -> None:
+    """args.json: the flags of the run (appended per start, so resumed runs keep their history)."""
+    path = os.path.join(folder, "args.json")
+    history = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            history = json.load(f)
+    history.append({"argv": sys.argv[1:], "args": vars(args)})
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(history, f, indent=2, default=str)
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    if args.weight_decay > 0:
+        return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    return torch.optim.Adam(params, lr=args.learning_rate)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
+    if args.lr_scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, args.lr_step), gamma=args.lr_gamma)
+    if args.lr_scheduler == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_gamma)
+    if args.lr_scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def clip_and_check(model: torch.nn.Module, max_norm: float, epoch: int, batch: int, lr: float) -> float:
+    """Clip the gradient norm (when max_norm > 0) and stop on a non-finite gradient."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    check_finite({"gradient norm": norm}, epoch, batch, lr)
+    return float(norm)
+
+
+class MetricsCSV:
+    """Per-epoch metrics, one row per epoch; the header is fixed by the first row written."""
+
+    def __init__(self, path: str, resume: bool) -> None:
+        self.path = path
+        self.fields: Optional[list[str]] = None
+        if resume and os.path.isfile(path):
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.reader(f)
+                self.fields = next(reader, None)
+        elif os.path.isfile(path):
+            os.remove(path)
+
+    def write(self, row: dict) -> None:
+        new = self.fields is None
+        if new:
+            self.fields = list(row)
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def save_run_checkpoint(path: str, model, cfg, kind: str, extra: dict) -> None:
+    """Write a checkpoint through the models' save_checkpoint (which writes atomically)."""
+    from spatialoc_ros.models.checkpoint import save_checkpoint
+
+    save_checkpoint(path, model, cfg, kind, extra)
+
+
+def state_path(last_path: str) -> str:
+    """Optimiser / scheduler state written beside a last.pth (``last.pth`` -> ``last.state.pth``)."""
+    root, ext = os.path.splitext(last_path)
+    return f"{root}.state{ext or '.pth'}"
+
+
+def save_last(path: str, model, cfg, kind: str, extra: dict, optimizer, scheduler) -> None:
+    """last.pth (a normal checkpoint; its extra holds epoch, best metric and history) plus the
+    optimiser and scheduler state in last.state.pth (tensors; loads with weights_only=True)."""
+    save_run_checkpoint(path, model, cfg, kind, extra)
+    tmp = state_path(path) + ".tmp"
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": int(extra["epoch"])}, tmp)
+    os.replace(tmp, state_path(path))
+
+
+def load_resume(path: str, kind: str, device: torch.device):
+    """(model, cfg, extra, state) of a last.pth; ``state`` is None when last.state.pth is missing
+    (then training resumes with a fresh optimiser, with a warning)."""
+    from spatialoc_ros.models.checkpoint import load_checkpoint
+
+    model, cfg, extra = load_checkpoint(path, kind, device)
+    if "epoch" not in extra or "best_metric" not in extra:
+        raise ValueError(f"{path} holds no training progress (is it a best.pth?); resume from a last.pth")
+    state = None
+    spath = state_path(path)
+    if os.path.isfile(spath):
+        state = torch.load(spath, map_location="cpu", weights_only=True)
+        if int(state.get("epoch", -1)) != int(extra["epoch"]):
+            print(f"[train] WARNING: {spath} belongs to epoch {state.get('epoch')}, {path} to epoch "
+                  f"{extra['epoch']}; starting a fresh optimiser", file=sys.stderr)
+            state = None
+    else:
+        print(f"[train] WARNING: {spath} missing; resuming the weights with a fresh optimiser", file=sys.stderr)
+    return model, cfg, extra, state

@@ -1,0 +1,157 @@
+"""The training and evaluation CLIs end to end (subprocesses, the seed README's flag spellings) on a
+small synthetic city with tiny models, plus resume and the non-finite-loss stop."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--num_points", "8", "--max_objects", "12", "--pointnet_dim", "16", "--dropout", "0",
+        "--device", "cpu", "--no_progress", "--threads", "1"]
+
+
+def _run(module: str, args: list[str], cwd: Path, expect_rc: int = 0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == expect_rc, f"{module} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _coarse_args(city: str) -> list[str]:
+    # the seed README's coarse command, with tiny sizes and --max_batches on top
+    return ["--batch_size", "8", "--coarse_embed_dim", "16", "--shuffle", "--base_path", city,
+            "--use_features", "class", "color", "position", "num", "--no_pc_augment", "--fixed_embedding",
+            "--epochs", "1", "--learning_rate", "0.0001", "--lr_scheduler", "step", "--lr_step", "5",
+            "--lr_gamma", "0.5", "--temperature", "0.05", "--ranking_loss", "CCL", "--num_of_hidden_layer", "1",
+            "--alpha", "2", "--hungging_model", "minilm", "--folder_name", "coarse_run",
+            "--max_batches", "2", "--num_heads", "2", "--beose_dim", "8", "--bezier_samples", "2", *TINY]
+
+
+def _fine_args(city: str) -> list[str]:
+    # the seed README's fine command (--fixed_embedding given twice, as there)
+    return ["--batch_size", "8", "--fine_embed_dim", "16", "--shuffle", "--base_path", city,
+            "--use_features", "class", "color", "position", "num", "--no_pc_augment", "--fixed_embedding",
+            "--epochs", "1", "--learning_rate", "0.0003", "--fixed_embedding", "--hungging_model", "minilm",
+            "--regressor_cell", "all", "--pmc_prob", "0.5", "--folder_name", "fine_run",
+            "--max_batches", "2", "--fine_num_layers", "1", "--fine_num_heads", "2",
+            "--calibrate_sigma", "val", *TINY]
+
+
+@pytest.fixture(scope="module")
+def runs(small_city, tmp_path_factory):
+    work = tmp_path_factory.mktemp("cli")
+    _run("spatialoc_ros.training.coarse", _coarse_args(small_city), work)
+    _run("spatialoc_ros.training.fine", _fine_args(small_city), work)
+    return work
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_writes_checkpoints_and_metrics(runs):
+    from spatialoc_ros.models.checkpoint import load_checkpoint
+
+    for run, kind in (("coarse_run", "coarse"), ("fine_run", "fine")):
+        folder = runs / "checkpoints" / run
+        for name in ("best.pth", "last.pth", "last.state.pth", "metrics.csv", "args.json"):
+            assert (folder / name).is_file(), f"{run}/{name} missing"
+        model, cfg, extra = load_checkpoint(str(folder / "best.pth"), kind, "cpu")
+        assert cfg.text_model == "minilm" and cfg.text_dim == 384 and cfg.num_points == 8
+        assert extra["epoch"] == 1 and extra["max_tokens"] == 32
+        rows = _csv_rows(folder / "metrics.csv")
+        assert len(rows) == 1 and rows[0]["epoch"] == "1"
+    coarse_rows = _csv_rows(runs / "checkpoints" / "coarse_run" / "metrics.csv")
+    for k in (1, 3, 5):
+        assert 0.0 <= float(coarse_rows[0][f"val_recall@{k}"]) <= 1.0
+    fine_rows = _csv_rows(runs / "checkpoints" / "fine_run" / "metrics.csv")
+    assert float(fine_rows[0]["val_mean_error_m"]) > 0
+    _, cfg, extra = load_checkpoint(str(runs / "checkpoints" / "fine_run" / "best.pth"), "fine", "cpu")
+    assert cfg.regressor_cell == "all" and cfg.fine_loss == "nll"
+    assert extra["sigma_scale"] > 0 and "val_calibrated" in extra
+
+
+def test_pipeline_and_coarse_evaluation(runs, small_city):
+    ckpt = runs / "checkpoints"
+    out = runs / "pipeline.json"
+    proc = _run("spatialoc_ros.evaluation.pipeline", [
+        "--base_path", small_city, "--use_features", "class", "color", "position", "num", "--use_test_set",
+        "--no_pc_augment", "--no_pc_augment_fine", "--hungging_model", "minilm", "--fixed_embedding",
+        "--path_coarse", str(ckpt / "coarse_run" / "best.pth"), "--path_fine", str(ckpt / "fine_run" / "best.pth"),
+        "--out_json", str(out), "--plots_dir", str(runs / "plots"), "--device", "cpu", "--no_progress",
+    ], runs)
+    assert "Coarse retrieval recall" in proc.stdout and "top-10" in proc.stdout and "1-sigma" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["split"] == "test" and res["num_queries"] > 0
+    assert set(res["coarse_recall"]) == {"1", "3", "5"}
+    assert set(res["localization_recall"]) == {"1", "5", "10"}
+    for k, row in res["localization_recall"].items():
+        assert set(row) == {"5.0", "10.0", "15.0"}
+        assert all(0.0 <= v <= 1.0 for v in row.values())
+    # recall can only grow with k and with the threshold
+    lr = res["localization_recall"]
+    assert lr["1"]["5.0"] <= lr["10"]["5.0"] <= lr["10"]["15.0"]
+    gt = res["calibration"]["ground_truth_cell"]
+    assert gt["n"] == res["num_queries"]
+    assert gt["coverage"]["1"] <= gt["coverage"]["2"] <= gt["coverage"]["3"]
+    for png in res["plots"]:
+        assert Path(png).is_file()
+    assert len(res["plots"]) == 2
+
+    out = runs / "coarse.json"
+    _run("spatialoc_ros.evaluation.coarse", [
+        "--base_path", small_city, "--use_features", "class", "color", "position", "num", "--no_pc_augment",
+        "--hungging_model", "minilm", "--fixed_embedding", "--path_coarse", str(ckpt / "coarse_run" / "best.pth"),
+        "--out_json", str(out), "--device", "cpu", "--no_progress",
+    ], runs)
+    res = json.loads(out.read_text())
+    assert res["split"] == "val" and set(res["coarse_recall"]) == {"1", "3", "5"}
+
+
+def test_resume_continues_the_run(runs, small_city):
+    folder = runs / "checkpoints" / "coarse_run"
+    args = _coarse_args(small_city)
+    args[args.index("--epochs") + 1] = "2"
+    _run("spatialoc_ros.training.coarse", [*args, "--resume", str(folder / "last.pth")], runs)
+    rows = _csv_rows(folder / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    from spatialoc_ros.models.checkpoint import load_checkpoint
+
+    assert load_checkpoint(str(folder / "last.pth"), "coarse", "cpu")[2]["epoch"] == 2
+
+
+def test_bad_flags_are_refused(runs, small_city):
+    proc = _run("spatialoc_ros.training.fine", [*_fine_args(small_city), "--fine_loss", "l1"], runs, expect_rc=2)
+    assert "--fine_loss" in proc.stderr
+    proc = _run("spatialoc_ros.training.coarse", [*_coarse_args(small_city), "--ranking_loss", "triplet"], runs, expect_rc=2)
+    assert "--ranking_loss" in proc.stderr
+
+
+def test_non_finite_loss_stops_training(small_city, tmp_path, monkeypatch, capsys):
+    """A NaN loss term stops training with a message naming the epoch, batch and term."""
+    import torch
+
+    from spatialoc_ros.training import fine
+
+    def nan_terms(gaussian, target, cfg):
+        return {"nll": gaussian.mean.sum() * float("nan")}
+
+    monkeypatch.setattr(fine, "loss_terms", nan_terms)
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in _fine_args(small_city) if a != "--calibrate_sigma" and a != "val"]
+    threads = torch.get_num_threads()
+    try:
+        rc = fine.main(args)
+    finally:
+        torch.set_num_threads(threads)  # main() applied --threads to this process
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "non-finite loss in epoch 1, batch 1" in err and "'nll'" in err
+    assert not (tmp_path / "checkpoints" / "fine_run" / "best.pth").exists()
