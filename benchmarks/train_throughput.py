@@ -110,12 +110,14 @@ def main() -> int:
                device, args.warmup, args.batches)
 
     ds = QueryDataset(data, augment=True, pmc_prob=0.5, seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.fine_batch_size, shuffle=True,
-                                         collate_fn=CellCollator(fcfg.max_objects, fcfg.num_points, True, 0.005))
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=UniqueCellBatchSampler(ds.cell_ids, args.fine_batch_size, shuffle=True),
+        collate_fn=CellCollator(fcfg.max_objects, fcfg.num_points, True, 0.005))
 
     def fine_step(model, batch):
         h = hint_encoder.batch(batch.hints, device)
-        return sum(loss_terms(model(h, batch.cells.to(device)), batch.targets.to(device), fcfg).values())
+        gaussian, matching = model.forward_with_matching(h, batch.cells.to(device))
+        return sum(loss_terms(gaussian, matching, batch.targets.to(device), fcfg).values())
 
     time_stage("fine", build_fine_model(fcfg, fcfg.text_dim, load_pointnet=False), fine_step, loader,
                device, args.warmup, args.batches)

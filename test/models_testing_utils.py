@@ -35,7 +35,11 @@ def perturb_padding(cells, generator: torch.Generator):
         return torch.where(m, noise, t)
 
     return CellBatch(
-        xyz=noisy(cells.xyz), rgb=noisy(cells.rgb), class_idx=torch.where(pad, torch.randint(0, 21, pad.shape, generator=g), cells.class_idx),
-        color=noisy(cells.color), center=noisy(cells.center), num_points=torch.where(pad, torch.full(pad.shape, 777.0), cells.num_points),
+        xyz=noisy(cells.xyz),
+        rgb=noisy(cells.rgb),
+        class_idx=torch.where(pad, torch.randint(0, 21, pad.shape, generator=g), cells.class_idx),
+        color=noisy(cells.color),
+        center=noisy(cells.center),
+        num_points=torch.where(pad, torch.full(pad.shape, 777.0), cells.num_points),
         mask=cells.mask.clone(),
     )

@@ -151,3 +151,21 @@ def test_fae_highpass_removes_low_frequencies():
     fastest = torch.cos(torch.pi * n).view(1, 1, 16)  # the Nyquist bin survives
     out = branches(fastest)[0, 0, 2] - fastest[0, 0]
     assert torch.allclose(out, fastest[0, 0], atol=1e-5)
+
+
+def test_masked_batch_norm_centres_real_rows_only():
+    from spatialoc_ros.models.layers import MaskedBatchNorm
+
+    norm = MaskedBatchNorm(2).train()
+    x = torch.tensor([[[1.0, 10.0], [3.0, 20.0], [500.0, -500.0]]])
+    mask = torch.tensor([[True, True, False]])
+    out = norm(x, mask)
+    assert torch.allclose(out[0, :2].mean(dim=0), torch.zeros(2), atol=1e-6)
+    assert out[0, 2].abs().sum() == 0
+    assert torch.allclose(norm.norm.running_mean, torch.tensor([0.2, 1.5]))  # momentum 0.1
+    single = norm(torch.tensor([[4.0, 4.0]]))  # one row in training: running statistics, no error
+    assert torch.isfinite(single).all()
+    norm.eval()
+    a = norm(x, mask)
+    x[0, 0] = 7.0  # eval mode: rows are independent
+    assert torch.allclose(norm(x, mask)[0, 1], a[0, 1])

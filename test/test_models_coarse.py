@@ -95,7 +95,7 @@ def test_set_level_similarity_by_hand_and_chunking(monkeypatch):
     qm2, im2 = torch.rand(3, 4, generator=g) > 0.3, torch.rand(50, 6, generator=g) > 0.3
     qm2[:, 0] = True
     full = set_level_similarity(q2, qm2, items2, im2)
-    monkeypatch.setattr("spatialoc_ros.models.coarse._SCORE_CHUNK_ELEMENTS", 100)  # chunks of 4 cells
+    monkeypatch.setattr("spatialoc_ros.models.layers.SCORE_CHUNK_ELEMENTS", 100)  # chunks of 4 cells
     assert torch.allclose(full, set_level_similarity(q2, qm2, items2, im2), atol=1e-6)
 
 

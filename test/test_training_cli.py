@@ -140,7 +140,7 @@ def test_non_finite_loss_stops_training(small_city, tmp_path, monkeypatch, capsy
 
     from spatialoc_ros.training import fine
 
-    def nan_terms(gaussian, target, cfg):
+    def nan_terms(gaussian, matching, target, cfg):
         return {"nll": gaussian.mean.sum() * float("nan")}
 
     monkeypatch.setattr(fine, "loss_terms", nan_terms)

@@ -8,9 +8,10 @@ relation is a quadratic Bezier curve in the cell, expressed in object i's frame:
     B(t) = (1 - t)^2 P0 + 2 (1 - t) t P1 + t^2 P2,  sampled at K fixed t in (0, 1)
 
 The K sampled points (3K numbers, cell units) are encoded by a linear layer and update the pair
-feature r_ij (the tanh of the update below is the non-linearity). The bend is bounded by half the chord per axis, so the curve always stays near the segment
-between the two objects; what the network learns is *how* to bend it given what the two objects
-are (r_ij carries both object tokens), i.e. a learned, object-conditioned encoding of the offset.
+feature r_ij (the tanh of the update below is the non-linearity). The bend is bounded by half the
+chord per axis, so the curve always stays near the segment between the two objects; what the
+network learns is *how* to bend it given what the two objects are (r_ij carries both object
+tokens), i.e. a learned, object-conditioned encoding of the offset.
 Why this reading and not the released feature-space one (P0 = P2 = pair feature, P1 a learned
 projection): with P0 = P2 the feature-space curve reduces to x + 2t(1-t)(P1(x) - x), a gated
 residual layer with no geometry; the geometric curve keeps the spatial meaning the paper describes.

@@ -1,8 +1,9 @@
 """Turn :class:`~spatialoc_ros.data.kitti360pose.Cell` objects into padded tensors.
 
 Layout: every cell becomes exactly ``max_objects`` object slots (real objects first, in the cell's
-order, then padding; objects labelled 'pad' in the cell are skipped), each with ``num_points`` sampled points. Padding slots have zero points,
-class ``PAD_INDEX``, zero colour / centre / count and ``mask`` False.
+order, then padding; objects labelled 'pad' in the cell are skipped), each with ``num_points``
+sampled points. Padding slots have zero points, class ``PAD_INDEX``, zero colour / centre / count
+and ``mask`` False.
 
 Truncation: a cell with more than ``max_objects`` objects keeps the ``max_objects`` objects with
 the most points (large objects are the ones descriptions tend to name, and the rule does not depend

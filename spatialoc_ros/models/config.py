@@ -94,6 +94,7 @@ class FineConfig:
     mean_head: str = "anchor"  # 'anchor': hints point at objects + learned offsets; 'direct': MLP
     fine_loss: str = "nll"  # 'nll' (Gaussian negative log-likelihood) or 'mse' (mean only)
     beta: float = 0.0  # beta-NLL exponent (0 = plain NLL; 0.5 is the usual choice)
+    matching_weight: float = 0.2  # weight of the hint->object matching ranking loss (anchor head; 0 = off)
     min_std: float = 0.005  # floor on the predicted standard deviations, cell units
     regressor_cell: str = "all"  # target = position normalised to the whole cell box
     dropout: float = 0.1  # dropout in MLPs and attention layers
@@ -108,6 +109,8 @@ class FineConfig:
             raise ValueError(f"mean_head must be one of {FINE_MEAN_HEADS}, got {self.mean_head!r}")
         if self.regressor_cell not in REGRESSOR_CELLS:
             raise ValueError(f"regressor_cell must be one of {REGRESSOR_CELLS}, got {self.regressor_cell!r}")
+        if self.matching_weight < 0:
+            raise ValueError(f"matching_weight must be >= 0, got {self.matching_weight}")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {self.beta}")
         if self.min_std <= 0:

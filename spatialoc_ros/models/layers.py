@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 #: Written in place of masked logits; exp() of it is exactly 0 in float32 and float16.
 _MASKED_LOGIT = -1e4
+#: Written for padded items before the max over items: below any cosine similarity.
+_NO_ITEM_SCORE = -2.0
+#: Upper bound on the number of float scores held at once by set_level_similarity.
+SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
 def mlp(dims: list[int], dropout: float = 0.0, final_activation: bool = False) -> nn.Sequential:
@@ -88,9 +93,43 @@ class MaskedBatchNorm(nn.Module):
         super().__init__()
         self.norm = nn.BatchNorm1d(dim, affine=False, momentum=momentum)
 
+    def _normalise(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (N, D); a training batch with a single row falls back to the running statistics."""
+        if self.training and rows.shape[0] < 2:
+            n = self.norm
+            return F.batch_norm(rows, n.running_mean, n.running_var, training=False, eps=n.eps)
+        return self.norm(rows)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is None:
-            return self.norm(x.reshape(-1, x.shape[-1])).view_as(x)
+            return self._normalise(x.reshape(-1, x.shape[-1])).view_as(x)
         out = x.new_zeros(x.shape)
-        out[mask] = self.norm(x[mask])
+        out[mask] = self._normalise(x[mask])
         return out
+
+
+def set_level_similarity(
+    queries: torch.Tensor, query_mask: torch.Tensor, items: torch.Tensor, item_mask: torch.Tensor
+) -> torch.Tensor:
+    """Best-match set similarity, chunked over cells.
+
+    queries (Bt, H, D), query_mask (Bt, H), items (Bc, O, D), item_mask (Bc, O) -> (Bt, Bc):
+    for every real query vector the best dot product over the real items, averaged over the real
+    query vectors. A cell without real items scores ``_NO_ITEM_SCORE``.
+    """
+    Bt, H, D = queries.shape
+    Bc, O, _ = items.shape
+    chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, Bt * H * O))
+    flat_queries = queries.reshape(Bt * H, D).T  # (D, Bt*H)
+    weights = query_mask.to(queries.dtype)  # (Bt, H)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+    out = []
+    for start in range(0, Bc, chunk):
+        part, part_mask = items[start:start + chunk], item_mask[start:start + chunk]
+        n = part.shape[0]
+        # one plain matmul (the fastest form on CPU): (n*O, D) @ (D, Bt*H)
+        scores = (part.reshape(n * O, D) @ flat_queries).view(n, O, Bt, H)
+        scores = scores.masked_fill(~part_mask[:, :, None, None], _NO_ITEM_SCORE)
+        best = scores.max(dim=1).values  # (n, Bt, H)
+        out.append(torch.einsum("cth,th->tc", best, weights))
+    return torch.cat(out, dim=1)

@@ -150,6 +150,14 @@ def gaussian_nll(
     return nll.mean()
 
 
+def fine_matching_loss(matching: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE on FineModel's (B, B) hint->object matching similarity (positives on the
+    diagonal) at the matcher's temperature. Duplicate cells in a batch act as false negatives."""
+    from spatialoc_ros.models.ugfl import MATCH_TEMPERATURE
+
+    return info_nce_loss(matching, temperature=MATCH_TEMPERATURE)
+
+
 def mse_loss(mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the batch and both coordinates: mean((mu - x)^2), cell units^2."""
     assert mean.shape == target.shape, f"mean {tuple(mean.shape)} vs target {tuple(target.shape)}"

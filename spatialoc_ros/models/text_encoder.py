@@ -13,7 +13,7 @@ import importlib.util
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

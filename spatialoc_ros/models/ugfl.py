@@ -6,14 +6,24 @@ Gaussian in cell units (x, y in [0, 1] across the cell):
     hint tokens   (B, H, D): attention pooling over each hint's tokens + MLP
     object tokens (B, O, D): an ObjectEncoder of its own (not shared with the coarse model)
     ``num_layers`` cross-attention blocks (pre-norm, residual): hints attend to objects, then
-        objects attend to the updated hints, each followed by a feed-forward layer
+        objects attend to the updated hints (not in the last block: nothing reads it), each
+        followed by a feed-forward layer
     pooled = MLP(masked mean ++ masked max of the hints)
-    covariance: Linear(pooled) -> (a, b, c); scale_tril = [[softplus(a) + min_std, 0],
-                                                          [c, softplus(b) + min_std]]
-    mean ('anchor', default): every hint attends (one head) over the cell's real objects, its
-        anchor is the attention-weighted object centre (x, y) and it adds a learned offset (the
-        "east of" part); a softmax over hints weights the per-hint positions.
-    mean ('direct'): Linear(pooled) -> (x, y), initialised at the cell centre.
+    covariance: Linear(pooled) -> (a, b, c);
+        scale_tril = [[softplus(a) + min_std, 0], [0.1 c, softplus(b) + min_std]]
+    mean ('anchor', default):
+        matcher: cosine(query(hint token), key(object token)) / 0.05, softmax over the real
+            objects = which object the hint names (tokens taken before the blocks mix them);
+        anchor: inside each object a soft extreme point of its points along a direction u_h that
+            the hint predicts (softmax over points of 10 u_h . xy_p; u_h = 0 gives the points'
+            mean, i.e. the centre): "east of a building" is about the building's east side, not
+            its centre; the hint's anchor is the matcher-weighted extreme point;
+        position per hint = anchor + 0.1 Linear(hint) (the distance part of "east of");
+        mean = softmax-over-hints weighted positions.
+        ``forward_with_matching`` also returns the matcher's (B, B) query-cell set similarity:
+        a ranking loss on it teaches the matcher which object a hint names (weak supervision,
+        like the coarse object level); the position loss alone teaches it slowly.
+    mean ('direct'): 0.5 + 0.25 Linear(pooled), starting near the cell centre.
 No sigmoid on the mean: positions just outside the cell stay representable.
 """
 from __future__ import annotations
@@ -26,11 +36,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spatialoc_ros.models.cell_tensors import CellBatch
-from spatialoc_ros.models.layers import AttentionPool, masked_max, masked_mean, masked_softmax, mlp
+from spatialoc_ros.models.layers import (
+    AttentionPool,
+    masked_max,
+    masked_mean,
+    masked_softmax,
+    mlp,
+    set_level_similarity,
+)
 from spatialoc_ros.models.text_encoder import HintBatch
 
 #: Standard deviation (cell units) the covariance head starts from.
 INITIAL_STD = 0.15
+#: Output scales of the heads. Adam moves a linear head's output by up to ~lr * width per step
+#: whatever the gradient's size, so a head that writes cell units directly random-walks by metres
+#: between epochs; scaling the output by s shrinks those steps by s.
+#: POINT_SHARPNESS multiplies the hint's direction u in the anchor head's point softmax (per cell
+#: unit): |u| = 1 makes points 0.1 cell apart differ by 1 in logit.
+POINT_SHARPNESS = 10.0
+OFFSET_SCALE = 0.1  # per-hint offset from its anchor, cell units
+DIRECT_SCALE = 0.25  # 'direct' mean head: mean = 0.5 + DIRECT_SCALE * linear(pooled)
+OFFDIAG_SCALE = 0.1  # off-diagonal of the Cholesky factor, cell units
+#: Temperature of the cosine hint -> object attention (and of the matching loss that trains it).
+MATCH_TEMPERATURE = 0.05
 
 
 @dataclass
@@ -53,15 +81,19 @@ class Gaussian2D:
 
 
 class CrossAttentionBlock(nn.Module):
-    """Hints attend to objects, then objects attend to hints (pre-norm, residual, masks)."""
+    """Hints attend to objects, then (``update_objects``) objects attend to the updated hints
+    (pre-norm, residual, masks). The last block skips the object update: nothing reads it."""
 
-    def __init__(self, *, embed_dim: int, num_heads: int, dropout: float) -> None:
+    def __init__(self, *, embed_dim: int, num_heads: int, dropout: float, update_objects: bool = True) -> None:
         super().__init__()
+        self.update_objects = update_objects
         self.norm_h1 = nn.LayerNorm(embed_dim)
         self.norm_o1 = nn.LayerNorm(embed_dim)
         self.hint_to_object = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
         self.norm_h2 = nn.LayerNorm(embed_dim)
         self.hint_ffn = mlp([embed_dim, 2 * embed_dim, embed_dim], dropout=dropout)
+        if not update_objects:
+            return
         self.norm_o2 = nn.LayerNorm(embed_dim)
         self.norm_h3 = nn.LayerNorm(embed_dim)
         self.object_to_hint = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
@@ -76,6 +108,8 @@ class CrossAttentionBlock(nn.Module):
         )[0]
         hints = hints + self.hint_ffn(self.norm_h2(hints))
         hints = hints * hint_mask.unsqueeze(-1).to(hints.dtype)
+        if not self.update_objects:
+            return hints, objects
         h = self.norm_h3(hints)
         objects = objects + self.object_to_hint(
             self.norm_o2(objects), h, h, key_padding_mask=_safe_padding(hint_mask), need_weights=False
@@ -92,23 +126,46 @@ def _safe_padding(mask: torch.Tensor) -> torch.Tensor:
     return ~mask & ~empty
 
 
-class AnchorMeanHead(nn.Module):
-    """Per-hint anchors on object centres + offsets, weighted over hints -> mean (B, 2)."""
+class HintObjectMatcher(nn.Module):
+    """Which cell object each hint names: cosine of projected hint and object tokens / T."""
 
     def __init__(self, *, embed_dim: int) -> None:
         super().__init__()
         self.query = nn.Linear(embed_dim, embed_dim)
-        self.key = nn.Linear(embed_dim, embed_dim, bias=False)  # a key bias cancels in the softmax
+        self.key = nn.Linear(embed_dim, embed_dim)
+
+    def vectors(self, hint_tokens: torch.Tensor, object_tokens: torch.Tensor):
+        """(B, H, D), (B, O, D) -> L2-normalised (B, H, D), (B, O, D)."""
+        return F.normalize(self.query(hint_tokens), dim=-1), F.normalize(self.key(object_tokens), dim=-1)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, object_mask: torch.Tensor) -> torch.Tensor:
+        """q (B, H, D), k (B, O, D), object_mask (B, O) -> (B, H, O) weights over real objects."""
+        logits = torch.einsum("bhd,bod->bho", q, k) / MATCH_TEMPERATURE
+        return masked_softmax(logits, object_mask.unsqueeze(1), dim=-1)
+
+
+class AnchorMeanHead(nn.Module):
+    """Per-hint anchors on objects' soft extreme points + offsets, weighted over hints -> (B, 2)."""
+
+    def __init__(self, *, embed_dim: int) -> None:
+        super().__init__()
+        self.direction = nn.Linear(embed_dim, 2)
         self.offset = nn.Linear(embed_dim, 2)
         self.hint_score = nn.Linear(embed_dim, 1, bias=False)  # softmax over hints
-        self.scale = 1.0 / math.sqrt(embed_dim)
+        with torch.no_grad():  # start at the object centres (uniform point weights)
+            self.direction.weight.zero_()
+            self.direction.bias.zero_()
 
-    def forward(self, hints, hint_mask, objects, object_mask, centers):
-        """hints (B, H, D), objects (B, O, D), centers (B, O, 3) cell units -> (B, 2)."""
-        logits = torch.einsum("bhd,bod->bho", self.query(hints), self.key(objects)) * self.scale
-        attention = masked_softmax(logits, object_mask.unsqueeze(1), dim=-1)  # (B, H, O)
-        anchors = attention @ centers[..., :2]  # (B, H, 2)
-        positions = anchors + self.offset(hints)  # (B, H, 2)
+    def forward(self, hints, hint_mask, attention, xyz):
+        """hints (B, H, D) after the cross-attention blocks; attention (B, H, O) from the matcher;
+        xyz (B, O, P, 3) object points, cell units -> mean (B, 2), cell units."""
+        points = xyz[..., :2]  # (B, O, P, 2)
+        direction = self.direction(hints) * POINT_SHARPNESS  # (B, H, 2)
+        point_logits = torch.einsum("bhc,bopc->bhop", direction, points)  # (B, H, O, P)
+        point_weights = torch.softmax(point_logits, dim=-1)
+        extremes = torch.einsum("bhop,bopc->bhoc", point_weights, points)  # (B, H, O, 2)
+        anchors = torch.einsum("bho,bhoc->bhc", attention, extremes)  # (B, H, 2)
+        positions = anchors + OFFSET_SCALE * self.offset(hints)  # (B, H, 2)
         weights = masked_softmax(self.hint_score(hints).squeeze(-1), hint_mask, dim=-1)  # (B, H)
         return torch.einsum("bh,bhc->bc", weights, positions)
 
@@ -136,8 +193,9 @@ class FineModel(nn.Module):
         self.hint_mlp = mlp([text_dim, embed_dim, embed_dim], dropout=dropout)
         self.object_encoder = object_encoder
         self.blocks = nn.ModuleList(
-            CrossAttentionBlock(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout)
-            for _ in range(num_layers)
+            CrossAttentionBlock(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout,
+                                update_objects=i < num_layers - 1)
+            for i in range(num_layers)
         )
         self.final_norm = nn.LayerNorm(embed_dim)
         self.pool = mlp([2 * embed_dim, embed_dim, embed_dim], dropout=dropout, final_activation=True)
@@ -148,20 +206,35 @@ class FineModel(nn.Module):
             self.scale_head.bias.copy_(torch.tensor([start, start, 0.0]))
         self.mean_head_kind = mean_head
         if mean_head == "anchor":
+            self.matcher = HintObjectMatcher(embed_dim=embed_dim)
             self.mean_head = AnchorMeanHead(embed_dim=embed_dim)
         else:
             self.mean_head = nn.Linear(embed_dim, 2)
-            with torch.no_grad():
-                self.mean_head.bias.fill_(0.5)
 
-    def forward(self, hints: HintBatch, cells: CellBatch) -> Gaussian2D:
+    def _tokens(self, hints: HintBatch, cells: CellBatch):
+        """-> hint tokens (B, H, D) and object tokens (B, O, D), zero at padding."""
         if not bool(hints.hint_mask.any(dim=1).all()):
             raise ValueError("every query needs at least one hint")
         assert len(hints) == len(cells), f"{len(hints)} queries for {len(cells)} cells"
-        hint_mask, object_mask = hints.hint_mask, cells.mask
         h = self.hint_mlp(self.token_pool(hints.tokens, hints.token_mask))  # (B, H, D)
-        h = h * hint_mask.unsqueeze(-1).to(h.dtype)
-        o = self.object_encoder(cells)  # (B, O, D)
+        h = h * hints.hint_mask.unsqueeze(-1).to(h.dtype)
+        return h, self.object_encoder(cells)
+
+    def forward_with_matching(self, hints: HintBatch, cells: CellBatch):
+        """-> (Gaussian2D, matching (B, B) or None).
+
+        ``matching[i, j]`` scores query i's hints against cell j's objects with the anchor head's
+        matcher (best object per hint, mean over hints), so a ranking loss at MATCH_TEMPERATURE on
+        it (positives on the diagonal) teaches the head which object a hint names with the same
+        weak supervision as the coarse object level; None for the 'direct' head.
+        """
+        hint_mask, object_mask = hints.hint_mask, cells.mask
+        h, o = self._tokens(hints, cells)
+        matching = attention = None
+        if self.mean_head_kind == "anchor":
+            q, k = self.matcher.vectors(h, o)  # identity vectors, before the blocks mix tokens
+            attention = self.matcher.attention(q, k, object_mask)  # (B, H, O)
+            matching = set_level_similarity(q, hint_mask, k, object_mask)  # (B, B)
         for block in self.blocks:
             h, o = block(h, hint_mask, o, object_mask)
         h = self.final_norm(h)
@@ -169,11 +242,14 @@ class FineModel(nn.Module):
         raw = self.scale_head(pooled)  # (B, 3)
         diag = F.softplus(raw[:, :2]) + self.min_std  # (B, 2) standard-deviation-like, cell units
         zeros = torch.zeros_like(raw[:, 0])
-        scale_tril = torch.stack(
-            [torch.stack([diag[:, 0], zeros], dim=-1), torch.stack([raw[:, 2], diag[:, 1]], dim=-1)], dim=-2
-        )  # (B, 2, 2)
+        lower = torch.stack([OFFDIAG_SCALE * raw[:, 2], diag[:, 1]], dim=-1)
+        scale_tril = torch.stack([torch.stack([diag[:, 0], zeros], dim=-1), lower], dim=-2)  # (B, 2, 2)
         if self.mean_head_kind == "anchor":
-            mean = self.mean_head(h, hint_mask, o, object_mask, cells.center)
+            mean = self.mean_head(h, hint_mask, attention, cells.xyz)
         else:
-            mean = self.mean_head(pooled)
-        return Gaussian2D(mean, scale_tril)
+            mean = 0.5 + DIRECT_SCALE * self.mean_head(pooled)  # starts near the cell centre
+        return Gaussian2D(mean, scale_tril), matching
+
+    def forward(self, hints: HintBatch, cells: CellBatch) -> Gaussian2D:
+        """hints (B queries) + their cells (B) -> Gaussian2D, cell units."""
+        return self.forward_with_matching(hints, cells)[0]

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CCL: complementary contrastive loss; contrastive: symmetric InfoNCE")
     g.add_argument("--temperature", type=float, default=0.05, help="softmax temperature of the ranking loss")
     g.add_argument("--alpha", type=float, default=2.0, help="CCL weight exponent 1/alpha")
+    g.add_argument("--level_weights", type=float, nargs=3, default=[1.0, 1.0, 1.0],
+                   metavar=("GLOBAL", "OBJECT", "RELATION"),
+                   help="weights of the per-level ranking losses (the relation level exists with BEOSE only)")
     g.add_argument("--top_k", type=int, nargs="+", default=[1, 3, 5], help="k of the validation recall@k")
     parser.set_defaults(stage="coarse")
     return parser
@@ -89,8 +92,11 @@ def config_from_args(args: argparse.Namespace, text_dim: int):
     )
 
 
-def ranking_terms(model, text_emb, cell_emb, cfg) -> dict[str, torch.Tensor]:
-    """One ranking loss per similarity level; the diagonal pairs are the positives."""
+LEVELS = ("global", "object", "relation")
+
+
+def ranking_terms(model, text_emb, cell_emb, cfg, weights: Optional[Sequence[float]] = None) -> dict[str, torch.Tensor]:
+    """One ranking loss per similarity level (times its weight); the diagonal pairs are the positives."""
     from spatialoc_ros.models import losses
 
     sims = model.similarity(text_emb, cell_emb)
@@ -103,6 +109,9 @@ def ranking_terms(model, text_emb, cell_emb, cfg) -> dict[str, torch.Tensor]:
     else:
         for level, sim in sims.items():
             terms[level] = losses.info_nce_loss(sim, temperature=cfg.temperature)
+    if weights is not None:
+        w = dict(zip(LEVELS, weights))
+        terms = {level: w[level] * t for level, t in terms.items()}
     return terms
 
 
@@ -197,7 +206,7 @@ def train(args: argparse.Namespace) -> int:
         for i, batch in enumerate(bar, start=1):
             hints = hint_encoder.batch(batch.hints, device)
             cells = batch.cells.to(device)
-            terms = ranking_terms(model, model.encode_text(hints), model.encode_cells(cells), cfg)
+            terms = ranking_terms(model, model.encode_text(hints), model.encode_cells(cells), cfg, args.level_weights)
             loss = sum(terms.values())
             engine.check_finite({**terms, "total": loss}, epoch, i, lr)
             optimizer.zero_grad(set_to_none=True)

@@ -32,7 +32,7 @@ from spatialoc_ros.evaluation.metrics import calibration_summary, mahalanobis_sq
 from spatialoc_ros.inference import Localizer
 from spatialoc_ros.training import args as targs
 from spatialoc_ros.training import engine
-from spatialoc_ros.training.datasets import CellCollator, QueryDataset, worker_init
+from spatialoc_ros.training.datasets import CellCollator, QueryDataset, UniqueCellBatchSampler, worker_init
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fine_loss", type=str, default="nll", choices=("nll", "mse"),
                    help="nll: Gaussian negative log-likelihood (UGFL); mse: mean only (ablation)")
     g.add_argument("--beta", type=float, default=0.0,
-                   help="beta-NLL exponent: each sample's NLL is weighted by stop_grad(det Sigma)^beta (0 = NLL)")
+                   help="beta-NLL exponent: each sample's NLL is weighted by stop_grad(det Sigma)^(beta/2) (0 = NLL)")
+    g.add_argument("--matching_weight", type=float, default=0.2,
+                   help="weight of the anchor head's hint->object matching ranking loss (in-batch cells "
+                   "as negatives; 0 = off; ignored by --mean_head direct)")
     g.add_argument("--pmc_prob", type=float, default=0.0,
                    help="probability of prototype-based map cloning (swap the cell for a neighbour "
                    "from direction/<scene>.json)")
@@ -94,19 +97,25 @@ def config_from_args(args: argparse.Namespace, text_dim: int):
         mean_head=args.mean_head,
         fine_loss=args.fine_loss,
         beta=args.beta,
+        matching_weight=args.matching_weight,
         min_std=args.min_std,
         regressor_cell=args.regressor_cell,
         dropout=args.dropout,
     )
 
 
-def loss_terms(gaussian, target: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
-    """The training loss of ``cfg.fine_loss`` as named terms (cell units)."""
+def loss_terms(gaussian, matching: Optional[torch.Tensor], target: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+    """The training loss as named terms: the position term of ``cfg.fine_loss`` (cell units) plus,
+    for the anchor head, ``cfg.matching_weight`` x the hint->object matching ranking loss."""
     from spatialoc_ros.models import losses
 
     if cfg.fine_loss == "nll":
-        return {"nll": losses.gaussian_nll(gaussian.mean, gaussian.scale_tril, target, beta=cfg.beta)}
-    return {"mse": losses.mse_loss(gaussian.mean, target)}
+        terms = {"nll": losses.gaussian_nll(gaussian.mean, gaussian.scale_tril, target, beta=cfg.beta)}
+    else:
+        terms = {"mse": losses.mse_loss(gaussian.mean, target)}
+    if matching is not None and cfg.matching_weight > 0:
+        terms["matching"] = cfg.matching_weight * losses.fine_matching_loss(matching)
+    return terms
 
 
 @torch.no_grad()
@@ -189,9 +198,9 @@ def train(args: argparse.Namespace) -> int:
                            max_missing=args.pmc_max_missing, seed=args.seed)
     collate = CellCollator(cfg.max_objects, cfg.num_points, random_points=not args.no_pc_augment,
                            jitter=0.0 if args.no_pc_augment else args.jitter, seed=args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=args.shuffle, collate_fn=collate,
-                        num_workers=args.num_workers, generator=generator,
+    # Distinct cells per batch: the matching loss takes the other cells of a batch as negatives.
+    sampler = UniqueCellBatchSampler(dataset.cell_ids, args.batch_size, shuffle=args.shuffle, seed=args.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers,
                         worker_init_fn=worker_init if args.num_workers > 0 else None)
     print(f"[train] fine: {len(dataset)} train queries, {len(val_data.poses)} val queries; map cloning "
           f"p={dataset.pmc_prob:g}; {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
@@ -200,19 +209,20 @@ def train(args: argparse.Namespace) -> int:
 
     for epoch in range(start_epoch, args.epochs + 1):
         model.train()
+        sampler.set_epoch(epoch)
         dataset.reseed(args.seed * 1000 + epoch)
         collate.reseed(args.seed * 1000 + epoch + 500)
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         n_batches = n_samples = n_cloned = 0
-        total = len(loader) if args.max_batches is None else min(len(loader), args.max_batches)
+        total = len(sampler) if args.max_batches is None else min(len(sampler), args.max_batches)
         bar = tqdm(loader, total=total, desc=f"fine epoch {epoch}/{args.epochs}", disable=not progress, leave=False)
         for i, batch in enumerate(bar, start=1):
             hints = hint_encoder.batch(batch.hints, device)
             target = batch.targets.to(device)
-            gaussian = model(hints, batch.cells.to(device))
-            terms = loss_terms(gaussian, target, cfg)
+            gaussian, matching = model.forward_with_matching(hints, batch.cells.to(device))
+            terms = loss_terms(gaussian, matching, target, cfg)
             loss = sum(terms.values())
             engine.check_finite({**terms, "total": loss}, epoch, i, lr)
             optimizer.zero_grad(set_to_none=True)
