@@ -136,6 +136,22 @@ def test_hint_encoder_cache_encodes_each_sentence_once():
     assert plain.num_encoded == 4 and torch.equal(again.tokens, first.tokens)
 
 
+def test_hint_encoder_cache_is_bounded_lru():
+    stub = CountingEncoder()
+    enc = HintEncoder(stub, cache=True, max_cached=2)
+    enc.batch([[HINTS[0], HINTS[1]]])
+    enc.batch([[HINTS[0]]])  # HINTS[0] is now the most recently used
+    enc.batch([[HINTS[2]]])  # evicts HINTS[1], the least recently used
+    assert enc.num_encoded == 3 and len(enc._store) == 2
+    enc.batch([[HINTS[0]]])
+    assert enc.num_encoded == 3  # still cached
+    enc.batch([[HINTS[1]]])
+    assert enc.num_encoded == 4 and stub.calls[-1] == [HINTS[1]]  # was evicted, encoded again
+    # one batch larger than the cache still gets all its sentences
+    big = enc.batch([[HINTS[0], HINTS[1], HINTS[2], HINTS[3]]])
+    assert big.hint_mask.all() and len(enc._store) == 2
+
+
 def test_hint_encoder_rejects_bad_queries():
     enc = HintEncoder(CountingEncoder())
     with pytest.raises(ValueError, match="no hints"):

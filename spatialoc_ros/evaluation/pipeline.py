@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine (UGFL) checkpoint (default: the one shipped with the package)")
     g.add_argument("--coarse_top_k", type=int, nargs="+", default=[1, 3, 5],
                    help="k of the coarse retrieval table (default 1 3 5)")
+    g.add_argument("--sigma_scale", type=float, default=None,
+                   help="override the covariance calibration scalar stored in the fine checkpoint "
+                   "(1 = the model's raw covariance)")
     g.add_argument("--map_scene", type=str, default=None,
                    help="scene drawn in the map figure (short name such as 0003; default: the split's first)")
     return parser
@@ -140,6 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_eval_args(args, parser)
     if any(k < 1 for k in args.coarse_top_k):
         parser.error("--coarse_top_k values must be >= 1")
+    if args.sigma_scale is not None and not args.sigma_scale > 0:
+        parser.error("--sigma_scale must be > 0")
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     device, note = resolve_device(args.device)
@@ -148,8 +153,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     path_coarse = args.path_coarse or shipped_checkpoint("coarse")
     path_fine = args.path_fine or shipped_checkpoint("fine")
+    overrides = {} if args.sigma_scale is None else {"sigma_scale": args.sigma_scale}
     localizer = Localizer.from_checkpoints(path_coarse, path_fine, text_model=args.text_model,
-                                           device=str(device), batch_size=args.batch_size)
+                                           device=str(device), batch_size=args.batch_size, **overrides)
     check_features(args, localizer.coarse_cfg, "coarse")
     check_features(args, localizer.fine_cfg, "fine")
 

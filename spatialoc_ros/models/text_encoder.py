@@ -9,6 +9,8 @@ Anything else is a ValueError that says how to get the model. T5 / Flan-T5 folde
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import importlib.util
 import os
 import re
@@ -144,15 +146,21 @@ class HintEncoder:
     """Lists of hint sentences -> :class:`HintBatch` through a :class:`FrozenTextEncoder`.
 
     With ``cache=True`` (--fixed_embedding) every distinct sentence is encoded once and its token
-    features (trimmed to its own length) are kept on the CPU; later batches reuse them.
+    features (trimmed to its own length) are kept on the CPU; later batches reuse them. The cache
+    holds at most ``max_cached`` sentences and forgets the least recently used ones beyond that
+    (a data set has a few hundred distinct hints; a node fed free text must not grow forever).
     ``num_encoded`` counts the sentences actually sent to the language model.
     """
 
-    def __init__(self, text_encoder: FrozenTextEncoder, cache: bool = True, chunk_size: int = 256) -> None:
+    def __init__(self, text_encoder: FrozenTextEncoder, cache: bool = True, chunk_size: int = 256,
+                 max_cached: int = 100_000) -> None:
+        if max_cached < 1:
+            raise ValueError(f"max_cached must be >= 1, got {max_cached}")
         self.text_encoder = text_encoder
         self.cache = cache
         self.chunk_size = chunk_size
-        self._store: dict[str, torch.Tensor] = {}
+        self.max_cached = max_cached
+        self._store: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.num_encoded = 0
 
     @property
@@ -183,9 +191,13 @@ class HintEncoder:
         distinct = list(dict.fromkeys(s for query in hints for s in query))
         if self.cache:
             missing = [s for s in distinct if s not in self._store]
-            if missing:
-                self._store.update(self._encode(missing))
-            features = self._store
+            encoded = self._encode(missing) if missing else {}
+            features = {s: encoded[s] if s in encoded else self._store[s] for s in distinct}
+            for sentence, f in features.items():  # most recently used last
+                self._store[sentence] = f
+                self._store.move_to_end(sentence)
+            while len(self._store) > self.max_cached:
+                self._store.popitem(last=False)
         else:
             features = self._encode(distinct)
         B, H = len(hints), max(len(q) for q in hints)

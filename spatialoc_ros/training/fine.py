@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nll: Gaussian negative log-likelihood (UGFL); mse: mean only (ablation)")
     g.add_argument("--beta", type=float, default=0.0,
                    help="beta-NLL exponent: each sample's NLL is weighted by stop_grad(det Sigma)^(beta/2) (0 = NLL)")
-    g.add_argument("--matching_weight", type=float, default=0.2,
+    g.add_argument("--matching_weight", type=float, default=0.0,
                    help="weight of the anchor head's hint->object matching ranking loss (in-batch cells "
-                   "as negatives; 0 = off; ignored by --mean_head direct)")
+                   "as negatives; ignored by --mean_head direct). Default 0 (off): on the synthetic "
+                   "default city 0.2 gave a val mean error of 3.8 m against 3.1 m without it")
     g.add_argument("--pmc_prob", type=float, default=0.0,
                    help="probability of prototype-based map cloning (swap the cell for a neighbour "
                    "from direction/<scene>.json)")
