@@ -14,7 +14,6 @@ percentiles over the queries, after ``--warmup`` untimed queries.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time

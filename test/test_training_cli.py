@@ -155,3 +155,57 @@ def test_non_finite_loss_stops_training(small_city, tmp_path, monkeypatch, capsy
     assert rc == 3
     assert "non-finite loss in epoch 1, batch 1" in err and "'nll'" in err
     assert not (tmp_path / "checkpoints" / "fine_run" / "best.pth").exists()
+
+
+def test_flip_swaps_direction_words_and_mirrors_target():
+    from spatialoc_ros.training.datasets import flip_hint, flip_position
+
+    hint = "The pose is east of a gray building."
+    assert flip_hint(hint, "x") == "The pose is west of a gray building."
+    assert flip_hint(hint, "y") == hint
+    assert flip_hint("The pose is north of a black pole.", "xy") == "The pose is south of a black pole."
+    assert flip_hint("The pose is on-top of a gray road.", "xy") == "The pose is on-top of a gray road."
+    assert list(flip_position([0.2, 0.7], "x")) == [0.8, 0.7]
+    assert list(flip_position([0.2, 0.75], "xy")) == [0.8, 0.25]
+
+
+def test_unique_cell_batches():
+    from spatialoc_ros.training.datasets import UniqueCellBatchSampler
+
+    ids = ["a", "a", "a", "b", "b", "c", "d", "e"]
+    batches = list(UniqueCellBatchSampler(ids, batch_size=3, shuffle=True, seed=1))
+    for batch in batches:
+        assert len({ids[i] for i in batch}) == len(batch) >= 2
+    used = [i for b in batches for i in b]
+    assert len(used) == len(set(used))
+    assert len(used) >= len(ids) - 1  # at most the last lone sample is dropped
+
+
+def test_map_cloning_candidates_and_missing_direction(small_city, caplog):
+    import numpy as np
+
+    from spatialoc_ros.data.loading import load_split
+    from spatialoc_ros.training.datasets import QueryDataset, position_in_cell
+
+    data = load_split(small_city, "train")
+    assert data.direction_map is not None
+    ds = QueryDataset(data, augment=False, pmc_prob=1.0, seed=0)
+    found = 0
+    for idx in range(len(ds)):
+        for cell_id, weight in ds.clone_candidates(idx):
+            pos = position_in_cell(data.poses[idx], data.cells_dict[cell_id])
+            assert np.all(pos >= 0) and np.all(pos <= 1) and weight > 0
+            assert cell_id != data.poses[idx].cell_id
+            found += 1
+        sample = ds[idx]
+        np.testing.assert_allclose(sample.target, position_in_cell(data.poses[idx], sample.cell))
+        if not sample.cloned:  # in the best cell the target is the pose's own normalised position
+            np.testing.assert_allclose(sample.target, np.asarray(data.poses[idx].pose)[0:2], atol=1e-9)
+        assert sample.cloned == bool(ds.clone_candidates(idx))
+    assert found > 0, "no neighbour qualified for map cloning in the small city"
+
+    no_dir = load_split(small_city, "train", with_direction=False)
+    with caplog.at_level("WARNING"):
+        ds = QueryDataset(no_dir, augment=False, pmc_prob=0.5)
+    assert ds.pmc_prob == 0.0
+    assert "direction" in caplog.text

@@ -62,6 +62,9 @@ def save_checkpoint(path: str, model: nn.Module, config, kind: str, extra: Optio
     os.close(handle)
     try:
         torch.save(payload, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

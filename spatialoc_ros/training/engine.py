@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import os
 import random
 import sys
@@ -15,8 +14,6 @@ import numpy as np
 import torch
 
 from spatialoc_ros.inference import resolve_device
-
-log = logging.getLogger(__name__)
 
 BEST_NAME = "best.pth"
 LAST_NAME = "last.pth"
