@@ -155,27 +155,12 @@ def train(args: argparse.Namespace) -> int:
     text_encoder = FrozenTextEncoder(args.text_model, device=str(device), max_tokens=args.max_tokens)
     hint_encoder = HintEncoder(text_encoder, cache=args.fixed_embedding)
 
-    start_epoch, best, history = 1, [-1.0, -1.0], {}
-    if args.resume:
-        model, cfg, extra, state = engine.load_resume(args.resume, "coarse", device)
-        if cfg.text_dim != text_encoder.dim:
-            raise SystemExit(f"error: {args.resume} was trained on {cfg.text_dim}-wide text features, "
-                             f"--text_model {args.text_model} gives {text_encoder.dim}")
-        print(f"[train] resuming {args.resume} after epoch {extra['epoch']} (model flags come from the checkpoint)")
-    else:
+    def build_new():
         cfg = config_from_args(args, text_encoder.dim)
-        model = build_coarse_model(cfg, text_encoder.dim)
-        extra = None
-    model.to(device)
-    optimizer = engine.build_optimizer(model, args)
-    scheduler = engine.build_scheduler(optimizer, args)
-    if extra is not None:
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(extra["epoch"]) + 1
-        best = list(extra["best_metric"])
-        history = dict(extra.get("history", {}))
+        return build_coarse_model(cfg, text_encoder.dim), cfg
+
+    model, cfg, optimizer, scheduler, start_epoch, best, history = engine.prepare_model(
+        args, "coarse", text_encoder.dim, device, build_new, initial_best=[-1.0, -1.0])
 
     train_data = load_split(base_path, "train", with_direction=False)
     val_data = load_split(base_path, "val", with_direction=False)

@@ -174,3 +174,31 @@ def load_resume(path: str, kind: str, device: torch.device):
     else:
         print(f"[train] WARNING: {spath} missing; resuming the weights with a fresh optimiser", file=sys.stderr)
     return model, cfg, extra, state
+
+
+def prepare_model(args: argparse.Namespace, kind: str, text_dim: int, device: torch.device,
+                  build_new, initial_best: list):
+    """Model, config, optimiser, scheduler and progress of a run, fresh or resumed (--resume).
+
+    ``build_new()`` -> (model, cfg) builds a fresh model from the flags. Returns
+    (model, cfg, optimizer, scheduler, start_epoch, best, history).
+    """
+    extra = state = None
+    if args.resume:
+        model, cfg, extra, state = load_resume(args.resume, kind, device)
+        if cfg.text_dim != text_dim:
+            raise SystemExit(f"error: {args.resume} was trained on {cfg.text_dim}-wide text features, "
+                             f"--text_model {args.text_model} gives {text_dim}")
+        print(f"[train] resuming {args.resume} after epoch {extra['epoch']} (model flags come from the checkpoint)")
+    else:
+        model, cfg = build_new()
+    model.to(device)
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args)
+    if extra is None:
+        return model, cfg, optimizer, scheduler, 1, list(initial_best), {}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    return (model, cfg, optimizer, scheduler, int(extra["epoch"]) + 1, list(extra["best_metric"]),
+            dict(extra.get("history", {})))
