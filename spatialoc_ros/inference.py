@@ -15,14 +15,23 @@ Pipeline of :meth:`Localizer.localize`:
    Gaussian in cell units. World mean = ``bbox_w[0:2] + mu * cell_size``; world covariance =
    ``s^2 * L L^T * cell_size^2`` (m^2), where ``s`` is the scalar calibration factor stored in the
    fine checkpoint's ``extra['sigma_scale']`` (1 when absent). The covariance is symmetrised and its
-   eigenvalues are floored at :data:`MIN_VARIANCE_M2`, so it is always symmetric, finite and PSD.
+   eigenvalues are floored at :data:`MIN_VARIANCE_M2` (1 cm standard deviation), so it is always
+   symmetric and PSD.
+
+Non-finite model outputs are never replaced: a cell whose embedding is not finite is left out of
+the map, a cell whose retrieval score is not finite is not ranked, a hypothesis whose mean or
+covariance is not finite is left out of the answer. Each case is counted in
+:attr:`Localizer.nonfinite` and logged (logger ``spatialoc_ros.inference``); when nothing finite
+is left, the call raises :class:`NonFiniteOutputError`.
 
 Without a fine model, each hypothesis sits at its cell's centre with the covariance of a uniform
 distribution over the cell (cell_size^2 / 12 per axis).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -34,6 +43,13 @@ import torch
 from tqdm.auto import tqdm
 
 from spatialoc_ros.data.kitti360pose import Cell
+
+_log = logging.getLogger(__name__)
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The models gave no finite answer for a query (see :attr:`Localizer.nonfinite`)."""
+
 
 #: Hint sentences kept per query (the data set uses 6; longer texts are cut, not refused).
 MAX_HINTS = 12
@@ -145,11 +161,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def safe_covariance(cov: np.ndarray, fallback_var: float) -> np.ndarray:
-    """Symmetrise, floor the eigenvalues at MIN_VARIANCE_M2; non-finite input -> fallback_var * I."""
+def safe_covariance(cov: np.ndarray) -> np.ndarray:
+    """Symmetrise and floor the eigenvalues at MIN_VARIANCE_M2; ValueError on non-finite input."""
     cov = np.asarray(cov, dtype=np.float64)
     if not np.all(np.isfinite(cov)):
-        return np.eye(2) * fallback_var
+        raise ValueError(f"covariance is not finite: {cov.tolist()}")
     cov = 0.5 * (cov + cov.T)
     w, v = np.linalg.eigh(cov)
     w = np.clip(w, MIN_VARIANCE_M2, None)
@@ -198,9 +214,14 @@ class Localizer:
         self.fine = fine_model.to(self.device).eval() if fine_model is not None else None
         self.coarse_cfg = coarse_cfg
         self.fine_cfg = fine_cfg
-        if not (sigma_scale > 0 and math.isfinite(sigma_scale)):
-            raise ValueError(f"sigma_scale must be a positive finite number, got {sigma_scale}")
+        from spatialoc_ros.models.checkpoint import EXTRA_RANGES
+
+        lo, hi = EXTRA_RANGES["sigma_scale"][1:]
+        if not (math.isfinite(sigma_scale) and lo <= sigma_scale <= hi):
+            raise ValueError(f"sigma_scale must be a finite number in {lo:g}..{hi:g}, got {sigma_scale}")
         self.sigma_scale = float(sigma_scale)
+        #: Non-finite model outputs seen so far, by kind ('cell_embedding', 'score', 'hypothesis').
+        self.nonfinite: collections.Counter = collections.Counter()
         self.batch_size = int(batch_size)
         self.preselect_top = int(preselect_top)
         self.preselect_above = int(preselect_above)
@@ -279,10 +300,13 @@ class Localizer:
             raise ValueError("no map set: call Localizer.set_map(cells) before localising")
 
     @torch.no_grad()
-    def set_map(self, cells: Sequence[Cell], progress: bool = True) -> None:
-        """Embed every cell once (batched) into the retrieval index and make it the map.
+    def set_map(self, cells: Sequence[Cell], progress: bool = True) -> int:
+        """Embed every cell once (batched) into the retrieval index and make it the map; returns
+        the number of cells kept.
 
-        All-or-nothing: when a cell cannot be embedded (ValueError, e.g. an unknown class), the
+        The cells should have passed :func:`spatialoc_ros.data.validation.validate_cells`. A cell
+        whose embedding is not finite is left out (counted, logged). All-or-nothing otherwise:
+        when a cell cannot be embedded (ValueError, e.g. an unknown class) or none is left, the
         previous map stays in place.
         """
         from spatialoc_ros.models.cell_tensors import cells_to_batch
@@ -307,12 +331,35 @@ class Localizer:
                                        num_points=cfg.num_points, rng=None).to(self.device)
                 parts.append(self.coarse.encode_cells(batch))
             index = _concat(parts)
+            finite = torch.ones(len(cells), dtype=torch.bool, device=self.device)
+            for f in dataclasses.fields(index):
+                t = getattr(index, f.name)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape[:1] == (len(cells),):
+                    finite &= torch.isfinite(t.reshape(len(cells), -1)).all(dim=1)
+            if not bool(finite.all()):
+                bad = (~finite).nonzero().reshape(-1).tolist()
+                self.nonfinite["cell_embedding"] += len(bad)
+                _log.error("%d of %d cells have a non-finite embedding and are left out of the map (e.g. %s)",
+                           len(bad), len(cells), cells[bad[0]].id)
+                if len(bad) == len(cells):
+                    raise NonFiniteOutputError(f"no cell of the {len(cells)} has a finite embedding; is the model damaged?")
+                keep = finite.nonzero().reshape(-1)
+                index = _take(index, keep)
+                cells = [cells[i] for i in keep.tolist()]
+                ids = [c.id for c in cells]
         self._cells = cells
         self._id_to_index = {cid: i for i, cid in enumerate(ids)}
         self._bbox = np.stack([np.asarray(c.bbox_w, dtype=np.float64) for c in cells])
         self._size = np.array([float(c.cell_size) for c in cells])
         self._fine_cache = {}
         self._index = index
+        return len(cells)
+
+    def clear_map(self) -> None:
+        """Forget the map and its embedding (a deactivated node holds none)."""
+        self._cells = None
+        self._index = None
+        self._fine_cache = {}
 
     # --- text ----------------------------------------------------------------------------------
     def _hint_batch(self, stage: str, hints: list[list[str]]):
@@ -327,9 +374,20 @@ class Localizer:
         if n > self.preselect_above and self.preselect_top < n:
             return self._retrieve_preselect(text_emb, k)
         sims = self.coarse.similarity(text_emb, self._index)  # {level: (B, N)}
-        scores = self.coarse.combined_scores(sims)  # (B, N)
+        scores = self._rankable(self.coarse.combined_scores(sims))  # (B, N)
         top = torch.topk(scores, k, dim=1)
         return top.indices.cpu().numpy(), top.values.float().cpu().numpy()
+
+    def _rankable(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` with non-finite entries counted, logged and ranked last (as -inf): a cell
+        without a finite score is never preferred. Hypotheses on such cells are left out later."""
+        bad = ~torch.isfinite(scores)
+        if bool(bad.any()):
+            count = int(bad.sum())
+            self.nonfinite["score"] += count
+            _log.error("%d retrieval score(s) are not finite; those cells are ranked last and not answered", count)
+            scores = scores.masked_fill(bad, float("-inf"))
+        return scores
 
     def _retrieve_preselect(self, text_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
         glob = text_emb.global_ @ self._index.global_.T  # (B, N)
@@ -338,7 +396,7 @@ class Localizer:
         for b in range(cand.shape[0]):
             sub = _take(self._index, cand[b])
             sims = self.coarse.similarity(_take(text_emb, slice(b, b + 1)), sub)
-            scores = self.coarse.combined_scores(sims)[0]  # (M,)
+            scores = self._rankable(self.coarse.combined_scores(sims))[0]  # (M,)
             top = torch.topk(scores, k)
             idx_out.append(cand[b][top.indices].cpu().numpy())
             val_out.append(top.values.float().cpu().numpy())
@@ -381,14 +439,18 @@ class Localizer:
         cov = torch.cat(covs).numpy().astype(np.float64).reshape(B, K, 2, 2) * self.sigma_scale**2
         return FinePrediction(mean, cov)
 
-    def _hypotheses(self, idx_row, score_row, mean_row, cov_row) -> list[Hypothesis]:
+    def _hypotheses(self, idx_row, score_row, mean_row, cov_row, retrieved: bool = True) -> list[Hypothesis]:
+        """Hypotheses of one query; non-finite ones are counted, logged and left out; raises
+        NonFiniteOutputError when none is left."""
         out = []
+        left_out = 0
         for i, s, mu, cov in zip(idx_row, score_row, mean_row, cov_row):
             i = int(i)
             size = self._size[i]
-            if not np.all(np.isfinite(mu)):
-                mu = np.array([0.5, 0.5])
-            cov_m = safe_covariance(cov * size * size, fallback_var=size * size / 12.0)
+            if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(cov)) and (math.isfinite(s) or not retrieved)):
+                left_out += 1
+                continue
+            cov_m = safe_covariance(cov * size * size)
             cell = self._cells[i]
             out.append(Hypothesis(
                 cell_id=cell.id,
@@ -399,6 +461,15 @@ class Localizer:
                 pos_in_cell=np.asarray(mu, dtype=np.float64).copy(),
                 bbox_w=self._bbox[i].copy(),
             ))
+        if left_out:
+            self.nonfinite["hypothesis"] += left_out
+            _log.error("%d of %d hypotheses were not finite (mean, covariance or score) and are left out",
+                       left_out, len(idx_row))
+        if not out:
+            raise NonFiniteOutputError(
+                f"none of the {len(idx_row)} hypotheses is finite; the model gives non-finite outputs "
+                "(see Localizer.nonfinite)"
+            )
         return out
 
     # --- public API --------------------------------------------------------------------------------
@@ -472,7 +543,7 @@ class Localizer:
             hb = self._hint_batch("fine", chunk) if self.fine is not None else None
             pred = self._predict_fine(hb, idx)
             for b in range(len(chunk)):
-                out.extend(self._hypotheses(idx[b], [float("nan")], pred.mean[b], pred.cov[b]))
+                out.extend(self._hypotheses(idx[b], [float("nan")], pred.mean[b], pred.cov[b], retrieved=False))
         return out
 
     def cell_index(self, cell_id: str) -> int:

@@ -68,3 +68,21 @@ def small_city(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("small_city")
     generate_city(str(out), seed=0, scale="small")
     return str(out)
+
+
+@pytest.fixture
+def graph_factory(ros_env, tmp_path):
+    """Builds ros_helpers.Graph objects (node processes + a probe) on this test's domain and always
+    stops their processes afterwards: ``make(map_params, localizer_params)``, None = not started."""
+    from ros_helpers import Graph
+
+    made = []
+
+    def make(map_params=None, loc_params=None):
+        g = Graph(ros_env, tmp_path / "logs", map_params, loc_params)
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        g.close()

@@ -54,11 +54,14 @@ def executable(env: dict, name: str) -> str:
 class NodeProcess:
     """One installed executable running as a child process, its output in a log file."""
 
-    def __init__(self, name: str, env: dict, log_dir: Path, params: dict, namespace: str = NAMESPACE) -> None:
+    def __init__(self, name: str, env: dict, log_dir: Path, params: dict, namespace: str = NAMESPACE,
+                 remaps: Optional[dict] = None) -> None:
         self.name = name
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
         cmd = [executable(env, name), "--ros-args", "-r", f"__ns:={namespace}"]
+        for key, value in (remaps or {}).items():
+            cmd += ["-r", f"{key}:={value}"]
         for key, value in params.items():
             cmd += ["-p", f"{key}:={value}"]
         with open(self.log_path, "w") as log:
@@ -84,6 +87,9 @@ class NodeProcess:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def error_lines(self, since: int = 0) -> list:
+        return [line for line in self.log()[since:].splitlines() if line.startswith("[ERROR]")]
 
     def stop(self, grace_s: float = 8.0) -> Optional[int]:
         """SIGINT, then SIGKILL after ``grace_s``; the exit code (None when it had to be killed)."""
@@ -128,7 +134,14 @@ class Probe:
         n.create_subscription(HypothesisArray, "hypotheses_detail", self.details.append, OUTPUT_QOS)
         n.create_subscription(MarkerArray, "markers", self.markers.append, OUTPUT_QOS)
         n.create_subscription(String, "status", lambda m: self.statuses.append(m.data), STATUS_QOS)
+        self.map_statuses = []
+        n.create_subscription(String, "map_server/status", lambda m: self.map_statuses.append(m.data), STATUS_QOS)
         n.create_subscription(MarkerArray, "map_markers", self.map_markers.append, MAP_MARKERS_QOS)
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self.diagnostics = []
+        n.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
+        self._lifecycle_clients: dict = {}
         self.instruction_pub = n.create_publisher(String, "instruction", INSTRUCTION_QOS)
         self.cells_client = n.create_client(GetMapCells, "get_map_cells")
         self.reload_client = n.create_client(Trigger, "reload_map")
@@ -157,6 +170,13 @@ class Probe:
 
     def wait_state(self, state: str, timeout_s: float) -> bool:
         return self.spin_until(lambda: self.status_value("state") == state, timeout_s)
+
+    def wait_map_state(self, state: str, timeout_s: float) -> bool:
+        """Wait until the map server's own status (map_server/status) says state=``state``."""
+        def reached() -> bool:
+            m = re.search(r"\bstate=(\S+)", self.map_statuses[-1]) if self.map_statuses else None
+            return bool(m) and m.group(1) == state
+        return self.spin_until(reached, timeout_s)
 
     def wait_subscriber(self, timeout_s: float = 20.0) -> bool:
         return self.spin_until(lambda: self.instruction_pub.get_subscription_count() > 0, timeout_s)
@@ -212,6 +232,50 @@ class Probe:
 
         request = SetParameters.Request(parameters=[Parameter(name, value=value).to_parameter_msg()])
         return self.call(self.params_client, request).results[0]
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def _lifecycle_client(self, node: str, kind: str):
+        from lifecycle_msgs.srv import ChangeState, GetState
+
+        key = (node, kind)
+        if key not in self._lifecycle_clients:
+            srv = {"get_state": GetState, "change_state": ChangeState}[kind]
+            self._lifecycle_clients[key] = self.node.create_client(srv, f"{node}/{kind}")
+        return self._lifecycle_clients[key]
+
+    def lifecycle_state(self, node: str, timeout_s: float = 30.0) -> str:
+        """Label of the lifecycle state of ``node`` (relative name, e.g. 'localizer')."""
+        from lifecycle_msgs.srv import GetState
+
+        return self.call(self._lifecycle_client(node, "get_state"), GetState.Request(), timeout_s).current_state.label
+
+    def change_state(self, node: str, transition: str, timeout_s: float = 120.0) -> bool:
+        """Trigger ``transition`` ('configure', 'activate', 'deactivate', 'cleanup', 'shutdown')."""
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+
+        ids = {"configure": Transition.TRANSITION_CONFIGURE, "activate": Transition.TRANSITION_ACTIVATE,
+               "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP}
+        request = ChangeState.Request(transition=Transition(id=ids[transition]))
+        return self.call(self._lifecycle_client(node, "change_state"), request, timeout_s).success
+
+    def wait_lifecycle(self, node: str, label: str, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self.lifecycle_state(node, timeout_s=max(1.0, deadline - time.monotonic())) == label:
+                    return True
+            except TimeoutError:
+                pass
+            self.spin_for(0.2)
+        return False
+
+    # --- a map server of the test's own (hostile on purpose) ----------------------------------------
+    def serve_map(self, name: str, respond: Callable):
+        """A GetMapCells service ``name`` whose answer is ``respond(response) -> response``."""
+        from spatialoc_ros.srv import GetMapCells
+
+        return self.node.create_service(GetMapCells, name, lambda _req, resp: respond(resp))
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=1.0)

@@ -92,6 +92,7 @@ def test_get_map_cells_fields():
         "success": "boolean",
         "message": "string",
         "cells": "sequence<spatialoc_ros/MapCell>",
+        "frame_id": "string",
     }
 
 
@@ -219,3 +220,34 @@ def test_setup_py_reports_name_and_version():
     import spatialoc_ros
 
     assert out[-2:] == [PACKAGE, spatialoc_ros.__version__]
+
+
+def test_cmake_lists_every_interface_and_install_explicitly():
+    cmake = (REPO_ROOT / "CMakeLists.txt").read_text()
+    listed = set(re.search(r"set\(INTERFACE_FILES([^)]*)\)", cmake).group(1).split())
+    assert listed == {str(p.relative_to(REPO_ROOT)) for p in interface_files()}
+    assert "GLOB" not in cmake, "install explicit lists: a missing file must fail the build"
+    for exe in NODE_EXECUTABLES:
+        assert f"scripts/{exe}" in cmake
+
+
+def test_package_xml_lists_what_the_nodes_import():
+    """Every ROS package imported under spatialoc_ros/ is a dependency; none is listed unused."""
+    import ast
+
+    root = _manifest()
+    deps = {e.text for e in root.iter() if e.tag in ("depend", "exec_depend")}
+    imported = set()
+    for path in (REPO_ROOT / PACKAGE).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+                if node.module == "rclpy.lifecycle":
+                    imported.add("lifecycle_msgs")  # rclpy's lifecycle services are lifecycle_msgs
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+    ros = {m for m in imported if m.endswith(("_msgs", "_srvs", "_interfaces")) or m == "rclpy"}
+    assert ros <= deps, f"imported but not in package.xml: {sorted(ros - deps)}"
+    listed_msgs = {d for d in deps if d.endswith(("_msgs", "_srvs"))}
+    assert listed_msgs <= ros | {"geometry_msgs", "sensor_msgs", "std_msgs"}, \
+        f"listed but never imported: {sorted(listed_msgs - ros)}"

@@ -176,13 +176,13 @@ def test_resolve_device_without_cuda(monkeypatch):
         resolve_device("tpu")
 
 
-def test_safe_covariance_repairs_bad_input():
+def test_safe_covariance_symmetrises_floors_and_refuses_non_finite():
     bad = np.array([[1.0, 2.0], [0.0, -1.0]])
-    fixed = inference.safe_covariance(bad, fallback_var=3.0)
+    fixed = inference.safe_covariance(bad)
     np.testing.assert_allclose(fixed, fixed.T)
     assert np.linalg.eigvalsh(fixed).min() >= inference.MIN_VARIANCE_M2 * 0.999
-    nan = inference.safe_covariance(np.full((2, 2), np.nan), fallback_var=3.0)
-    np.testing.assert_allclose(nan, 3.0 * np.eye(2))
+    with pytest.raises(ValueError, match="not finite"):
+        inference.safe_covariance(np.full((2, 2), np.nan))
 
 
 def test_shipped_checkpoints_load_via_package_path(test_split):

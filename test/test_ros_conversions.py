@@ -237,31 +237,51 @@ def test_good_instruction_is_normalised():
 # --------------------------------------------------------------------------- node parameters
 
 def test_localizer_parameter_checks():
-    from spatialoc_ros.ros.localizer_node import LocalizerConfig, check_parameter
+    from spatialoc_ros.ros.lifecycle_base import COMMON_PARAMETERS
+    from spatialoc_ros.ros.localizer_node import PARAMETERS
 
-    for name, value in vars(LocalizerConfig()).items():
-        assert check_parameter(name, value) is None, name
-    assert check_parameter("top_k", 0)
-    assert check_parameter("top_k", 101)
-    assert check_parameter("device", "tpu")
-    assert check_parameter("device", "cuda:1") is None
-    assert check_parameter("frame_id", "")
-    assert check_parameter("frame_id", "my map")
-    assert check_parameter("queue_size", 0)
-    assert check_parameter("service_wait_s", 0.0)
-    assert check_parameter("service_wait_s", float("nan"))
+    specs = {**COMMON_PARAMETERS, **PARAMETERS}
+    for name, spec in specs.items():
+        assert spec.problem(name, spec.default) is None, name
+
+    def refused(name, value):
+        return specs[name].problem(name, value) is not None
+
+    assert refused("top_k", 0) and refused("top_k", 101) and not refused("top_k", 100)
+    assert refused("device", "tpu") and not refused("device", "cuda:1") and not refused("device", "CUDA")
+    assert not refused("frame_id", "") and refused("frame_id", "my map")
+    assert refused("map_service", "")
+    assert refused("queue_size", 0)
+    assert refused("service_wait_s", 0.0) and refused("service_wait_s", float("nan"))
+    assert refused("diagnostics_period_s", float("inf"))
+
+
+def test_parameter_descriptors_carry_the_ranges():
+    from rcl_interfaces.msg import ParameterType
+
+    from spatialoc_ros.ros.localizer_node import PARAMETERS
+
+    top_k = PARAMETERS["top_k"].descriptor()
+    assert top_k.type == ParameterType.PARAMETER_INTEGER
+    assert (top_k.integer_range[0].from_value, top_k.integer_range[0].to_value) == (1, 100)
+    wait = PARAMETERS["service_wait_s"].descriptor()
+    assert wait.floating_point_range[0].from_value == 0.01
+    assert "next configure" in PARAMETERS["device"].descriptor().description
+    assert "next configure" not in top_k.description  # dynamic
 
 
 def test_parameter_tables_match_configs():
     from dataclasses import fields
 
     from spatialoc_ros.ros import localizer_node, map_server_node
+    from spatialoc_ros.ros.lifecycle_base import COMMON_PARAMETERS
 
-    assert set(localizer_node.PARAMETERS) == {f.name for f in fields(localizer_node.LocalizerConfig)}
-    assert set(map_server_node.PARAMETERS) == {f.name for f in fields(map_server_node.MapServerConfig)}
-    for table in (localizer_node.PARAMETERS, map_server_node.PARAMETERS):
-        for name, entry in table.items():
-            assert len(entry[0]) > 20, f"{name} needs a description"
+    assert set(localizer_node.PARAMETERS) | set(COMMON_PARAMETERS) == {f.name for f in fields(localizer_node.LocalizerConfig)}
+    assert set(map_server_node.PARAMETERS) | set(COMMON_PARAMETERS) | {"scenes"} == {
+        f.name for f in fields(map_server_node.MapServerConfig)}
+    for table in (localizer_node.PARAMETERS, map_server_node.PARAMETERS, COMMON_PARAMETERS):
+        for name, spec in table.items():
+            assert len(spec.description) > 20, f"{name} needs a description"
 
 
 # --------------------------------------------------------------------------- cloud -> cells

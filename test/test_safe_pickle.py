@@ -119,5 +119,5 @@ def test_garbage_is_a_format_error(tmp_path):
             load_scene(str(tmp_path), scene)
     # a valid pickle of the wrong thing
     (tmp_path / "cells" / f"{scene}.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=4))
-    with pytest.raises(DataFormatError, match="list of Cell"):
+    with pytest.raises(DataFormatError, match="list of cells"):
         load_scene(str(tmp_path), scene)

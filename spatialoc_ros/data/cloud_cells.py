@@ -9,23 +9,31 @@ point, read from
   attributes ``label`` or ``semantic`` (KITTI-360 ids or class indices) and ``instance``
   (or ``instance_id``); colours from the usual red/green/blue properties.
 
-Cutting follows the published data set: square cells of ``cell_size`` metres on a grid of
-``cell_stride`` metres, a cell kept only with at least ``min_objects`` objects. Thing classes
-(building, pole, ...) stay whole instances, assigned to every cell that holds their x-y centroid
-(their normalised points may then stick out of [0, 1], as in the release); stuff classes (road,
-vegetation, ...) are split into connected pieces (``stuff_eps`` metres, a voxel approximation of
-the release's DBSCAN) and clipped to each cell. Points of classes outside the 21 are dropped.
+Cutting follows the published data set with the very code the synthetic generator uses
+(:mod:`spatialoc_ros.data.cell_cutting`): one world object per (class, instance id); square cells
+of ``cell_size`` metres on a grid of ``cell_stride`` metres starting at the cloud's lowest x-y; an
+instance (building, pole, ...) is kept whole in every cell holding at least a third of its points
+(its normalised points may then stick out of [0, 1], as in the release); stuff (road, vegetation,
+...) is clipped to each cell and split into pieces there; a cell is kept only with at least
+``min_objects`` objects. A cell's box reaches ``cell_size`` up from the lowest point of its x-y
+square. Points of classes outside the 21 are dropped.
+
+The work is bounded: points farther than ``max_outlier_distance`` metres (x-y) from the cloud's
+median are dropped with a warning before anything else, and only grid cells that overlap
+occupied tiles are visited, so one stray point at 10 km or 1e12 m costs nothing.
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from spatialoc_ros.data.constants import CLASSES, PAD_LABEL, STUFF_CLASSES
-from spatialoc_ros.data.kitti360pose import Cell, Object3d
+from spatialoc_ros.data.cell_cutting import TILE, WorldIndex
+from spatialoc_ros.data.constants import CLASS_TO_INDEX, CLASSES, PAD_LABEL
+from spatialoc_ros.data.kitti360pose import Cell
 from spatialoc_ros.data.loading import DataFormatError
 
 #: KITTI-360 semantic label ids of the 21 KITTI360Pose classes (ids of the public label table).
@@ -63,20 +71,22 @@ class CellCutConfig:
     cell_size: float = 30.0  # edge of a square cell
     cell_stride: float = 10.0  # grid step between cell origins
     min_objects: int = 6  # cells with fewer objects are dropped
-    stuff_eps: float = 0.75  # neighbourhood radius splitting stuff classes into pieces
-    min_points_per_object: int = 10  # smaller pieces are dropped
-    max_points_per_object: int = 2048  # larger objects are subsampled (fixed seed)
+    max_points_per_object: int = 2048  # larger objects of a cell are subsampled (fixed seed)
+    max_outlier_distance: float = 20000.0  # x-y distance from the median beyond which points are dropped
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (self.cell_size > 0 and self.cell_stride > 0):
-            raise ValueError(f"cell_size ({self.cell_size}) and cell_stride ({self.cell_stride}) must be > 0")
+        finite = all(np.isfinite([self.cell_size, self.cell_stride, self.max_outlier_distance]))
+        if not (finite and self.cell_size > 0 and self.cell_stride > 0):
+            raise ValueError(f"cell_size ({self.cell_size}) and cell_stride ({self.cell_stride}) must be finite and > 0")
+        if self.cell_size / self.cell_stride > 100:
+            raise ValueError(f"cell_size / cell_stride must be <= 100, got {self.cell_size / self.cell_stride:g}")
         if self.min_objects < 1:
             raise ValueError(f"min_objects must be >= 1, got {self.min_objects}")
-        if self.stuff_eps <= 0:
-            raise ValueError(f"stuff_eps must be > 0, got {self.stuff_eps}")
-        if self.min_points_per_object < 1 or self.max_points_per_object < self.min_points_per_object:
-            raise ValueError("need 1 <= min_points_per_object <= max_points_per_object")
+        if self.max_points_per_object < 1:
+            raise ValueError("max_points_per_object must be >= 1")
+        if not self.max_outlier_distance > 0:
+            raise ValueError(f"max_outlier_distance must be > 0, got {self.max_outlier_distance}")
 
 
 @dataclass
@@ -183,120 +193,95 @@ def read_labelled_cloud(path: str) -> LabelledCloud:
     raise DataFormatError(f"unsupported point cloud file {path}: use one of {', '.join(CLOUD_EXTENSIONS)}")
 
 
-def _pieces(xyz: np.ndarray, eps: float) -> np.ndarray:
-    """Connected-piece index per point: points whose eps-voxels touch (26-neighbourhood) share a
-    piece. (N,) int64."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-    from scipy.spatial import cKDTree
-
-    voxels, inverse = np.unique(np.floor(xyz / eps).astype(np.int64), axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    if len(voxels) == 1:
-        return np.zeros(len(xyz), dtype=np.int64)
-    pairs = cKDTree(voxels.astype(np.float64)).query_pairs(r=np.sqrt(3.0) + 1e-6, output_type="ndarray")
-    graph = coo_matrix(
-        (np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(len(voxels), len(voxels))
-    )
-    _, comp = connected_components(graph, directed=False)
-    return comp[inverse].astype(np.int64)
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
-@dataclass
-class _WorldObject:
-    label: str
-    instance_id: int
-    xyz: np.ndarray  # (n, 3) world metres
-    rgb: np.ndarray
-    is_stuff: bool
+def drop_far_outliers(cloud: LabelledCloud, max_distance: float, log: Callable[[str], None] = _warn) -> LabelledCloud:
+    """The cloud without points farther than ``max_distance`` (x-y, metres) from its median."""
+    if len(cloud.xyz) == 0:
+        return cloud
+    median = np.median(cloud.xyz[:, 0:2], axis=0)
+    far = np.abs(cloud.xyz[:, 0:2] - median).max(axis=1) > max_distance
+    if not far.any():
+        return cloud
+    worst = float(np.abs(cloud.xyz[far, 0:2] - median).max())
+    log(f"ignoring {int(far.sum())} of {len(far)} point(s) farther than {max_distance:g} m from the cloud's "
+        f"median x-y (the farthest at {worst:.3g} m): outliers, not map")
+    keep = ~far
+    return LabelledCloud(cloud.xyz[keep], cloud.rgb[keep], cloud.label[keep], cloud.instance[keep])
 
 
-def _world_objects(cloud: LabelledCloud, cfg: CellCutConfig) -> list[_WorldObject]:
-    objects = []
+def world_index(cloud: LabelledCloud) -> Optional[WorldIndex]:
+    """One world object per (class, instance id), ordered by class then instance id as the
+    generator orders its objects; None when no point has one of the 21 classes."""
     keep = cloud.label != ""
+    if not keep.any():
+        return None
     xyz, rgb, label, inst = cloud.xyz[keep], cloud.rgb[keep], cloud.label[keep], cloud.instance[keep]
-    for name in np.unique(label):
-        in_class = label == name
-        stuff = str(name) in STUFF_CLASSES
-        for instance_id in np.unique(inst[in_class]):
-            members = np.flatnonzero(in_class & (inst == instance_id))
-            if stuff:
-                piece = _pieces(xyz[members], cfg.stuff_eps)
-                groups = [members[piece == p] for p in np.unique(piece)]
-            else:
-                groups = [members]
-            for g in groups:
-                if len(g) >= cfg.min_points_per_object:
-                    objects.append(_WorldObject(str(name), int(instance_id), xyz[g], rgb[g], stuff))
-    return objects
+    class_idx = np.array([CLASS_TO_INDEX[name] for name in label], dtype=np.int64)
+    order = np.lexsort((inst, class_idx))
+    keys = np.column_stack([class_idx[order], inst[order]])
+    bounds = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
+    groups = np.split(order, bounds)
+    return WorldIndex(
+        [str(label[g[0]]) for g in groups],
+        [int(inst[g[0]]) for g in groups],
+        [xyz[g] for g in groups],
+        [rgb[g].astype(np.float32) for g in groups],
+    )
 
 
-def _grid_origins(lo: float, hi: float, size: float, stride: float) -> np.ndarray:
-    count = max(0, int(np.ceil((hi - lo - size) / stride))) + 1
-    return lo + stride * np.arange(count)
+def _candidate_origins(index: WorldIndex, cfg: CellCutConfig) -> np.ndarray:
+    """(C, 2) x-y origins (grid of cell_stride from the lowest x-y) of the cells overlapping an
+    occupied tile, sorted by y then x."""
+    tiles = index.occupied_tiles()
+    lo_xy = index.min_xy + tiles * TILE  # (T, 2) tile lower corners
+    hi_xy = lo_xy + TILE
+    # grid origins k * stride with [o, o + size) overlapping [lo, hi): k in (lo - size, hi) / stride
+    k_lo = np.maximum(np.floor((lo_xy - index.min_xy - cfg.cell_size) / cfg.cell_stride).astype(np.int64) + 1, 0)
+    k_hi = np.floor((hi_xy - index.min_xy) / cfg.cell_stride).astype(np.int64)
+    span = int((k_hi - k_lo).max()) + 1
+    offsets = np.stack(np.meshgrid(np.arange(span), np.arange(span), indexing="ij"), axis=-1).reshape(-1, 2)
+    ks = (k_lo[:, None, :] + offsets[None, :, :]).reshape(-1, 2)
+    ks = ks[np.all(ks <= np.repeat(k_hi, len(offsets), axis=0), axis=1)]
+    ks = np.unique(ks, axis=0)
+    ks = ks[np.lexsort((ks[:, 0], ks[:, 1]))]
+    return index.min_xy + ks * cfg.cell_stride
 
 
-def cut_cloud_into_cells(cloud: LabelledCloud, scene: str, cfg: CellCutConfig = CellCutConfig()) -> list[Cell]:
+def cut_cloud_into_cells(cloud: LabelledCloud, scene: str, cfg: CellCutConfig = CellCutConfig(),
+                         log: Callable[[str], None] = _warn) -> list[Cell]:
     """Cells (ids ``f"{scene}_{i:05d}"``) of a labelled cloud, following the rules of the module
     docstring. An empty list when no cell reaches ``min_objects``."""
-    if len(cloud.xyz) == 0:
+    cloud = drop_far_outliers(cloud, cfg.max_outlier_distance, log)
+    index = world_index(cloud)
+    if index is None:
         return []
     rng = np.random.default_rng(cfg.seed)
-    objects = _world_objects(cloud, cfg)
-    if not objects:
-        return []
-    lo = cloud.xyz.min(axis=0)
-    hi = cloud.xyz.max(axis=0)
-    centroids = np.array([o.xyz[:, 0:2].mean(axis=0) for o in objects])
     cells: list[Cell] = []
-    for y0 in _grid_origins(lo[1], hi[1], cfg.cell_size, cfg.cell_stride):
-        for x0 in _grid_origins(lo[0], hi[0], cfg.cell_size, cfg.cell_stride):
-            x1, y1 = x0 + cfg.cell_size, y0 + cfg.cell_size
-            origin = np.array([x0, y0, lo[2]])
-            cell_objects: list[Object3d] = []
-            for k, obj in enumerate(objects):
-                if obj.is_stuff:
-                    inside = (
-                        (obj.xyz[:, 0] >= x0) & (obj.xyz[:, 0] < x1) & (obj.xyz[:, 1] >= y0) & (obj.xyz[:, 1] < y1)
-                    )
-                    if inside.sum() < cfg.min_points_per_object:
-                        continue
-                    pts, cols = obj.xyz[inside], obj.rgb[inside]
-                else:
-                    cx, cy = centroids[k]
-                    if not (x0 <= cx < x1 and y0 <= cy < y1):
-                        continue
-                    pts, cols = obj.xyz, obj.rgb
-                if len(pts) > cfg.max_points_per_object:
-                    pick = np.sort(rng.choice(len(pts), cfg.max_points_per_object, replace=False))
-                    pts, cols = pts[pick], cols[pick]
-                cell_objects.append(
-                    Object3d(
-                        id=len(cell_objects),
-                        instance_id=obj.instance_id,
-                        xyz=((pts - origin) / cfg.cell_size).astype(np.float32),
-                        rgb=cols.astype(np.float32),
-                        label=obj.label,
-                    )
-                )
-            if len(cell_objects) < cfg.min_objects:
-                continue
-            bbox = np.array([x0, y0, lo[2], x1, y1, lo[2] + cfg.cell_size], dtype=np.float64)
-            cells.append(
-                Cell(
-                    id=f"{scene}_{len(cells):05d}",
-                    scene_name=scene,
-                    objects=cell_objects,
-                    cell_size=float(cfg.cell_size),
-                    bbox_w=bbox,
-                )
-            )
+    for x0, y0 in _candidate_origins(index, cfg):
+        column = index.points_in(np.array([x0, y0, -np.inf, x0 + cfg.cell_size, y0 + cfg.cell_size, np.inf]))
+        if len(column) == 0:
+            continue
+        z0 = float(index.xyz[column, 2].min())
+        bbox = np.array([x0, y0, z0, x0 + cfg.cell_size, y0 + cfg.cell_size, z0 + cfg.cell_size], dtype=np.float64)
+        objects = index.crop(bbox, cfg.cell_size)
+        if len(objects) < cfg.min_objects:
+            continue
+        for obj in objects:
+            if len(obj.xyz) > cfg.max_points_per_object:
+                pick = np.sort(rng.choice(len(obj.xyz), cfg.max_points_per_object, replace=False))
+                obj.xyz, obj.rgb = obj.xyz[pick], obj.rgb[pick]
+        cells.append(Cell(id=f"{scene}_{len(cells):05d}", scene_name=scene, objects=objects,
+                          cell_size=float(cfg.cell_size), bbox_w=bbox))
     return cells
 
 
-def cells_from_cloud_file(path: str, scene: Optional[str] = None, cfg: CellCutConfig = CellCutConfig()) -> list[Cell]:
+def cells_from_cloud_file(path: str, scene: Optional[str] = None, cfg: CellCutConfig = CellCutConfig(),
+                          log: Callable[[str], None] = _warn) -> list[Cell]:
     """Read ``path`` and cut it into cells; ``scene`` defaults to the file name without extension."""
     cloud = read_labelled_cloud(path)
     if scene is None:
         scene = os.path.splitext(os.path.basename(path))[0] or "cloud"
-    return cut_cloud_into_cells(cloud, scene, cfg)
+    return cut_cloud_into_cells(cloud, scene, cfg, log=log)

@@ -11,14 +11,23 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
 from spatialoc_ros.data.constants import SPLITS
 from spatialoc_ros.data.kitti360pose import Cell, DescriptionBestCell, Pose
 from spatialoc_ros.data.safe_pickle import UnsafePickleError, safe_load_pickle
+from spatialoc_ros.data.validation import validate_cells
+
+Log = Callable[[str], None]
+
+
+def warn_to_stderr(message: str) -> None:
+    """The default ``log`` of the loaders: one ``warning:`` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 class DataFormatError(ValueError):
@@ -54,7 +63,7 @@ def query_text(pose: Pose) -> str:
     return " ".join(hint_texts(pose))
 
 
-def _load_list(path: str, kind: type, what: str) -> list:
+def _load_list(path: str, kind: Optional[type], what: str) -> list:
     if not os.path.isfile(path):
         raise DataFormatError(f"missing {what} file {path}")
     try:
@@ -66,7 +75,9 @@ def _load_list(path: str, kind: type, what: str) -> list:
         # garbage input: a corrupt length prefix raises OverflowError / MemoryError, a bad memo
         # reference KeyError, deeply nested junk RecursionError
         raise DataFormatError(f"cannot read {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(items, list) or not all(isinstance(x, kind) for x in items):
+    if not isinstance(items, list):
+        raise DataFormatError(f"{path} does not hold a list of {what} (it holds a {type(items).__name__})")
+    if kind is not None and not all(isinstance(x, kind) for x in items):
         raise DataFormatError(f"{path} does not hold a list of {kind.__name__} objects")
     return items
 
@@ -91,17 +102,29 @@ def load_direction_map(base_path: str, scene: str) -> Optional[dict]:
     return data
 
 
-def load_scene(base_path: str, scene: str, with_direction: bool = True) -> SceneData:
-    """Load one scene's cells and poses (and its direction map when present)."""
+def load_scene(base_path: str, scene: str, with_direction: bool = True, log: Log = warn_to_stderr) -> SceneData:
+    """Load one scene's cells and poses (and its direction map when present).
+
+    Cells go through :func:`spatialoc_ros.data.validation.validate_cells`: a bad cell is dropped
+    (one ``log`` line with the reasons), and so are the poses whose best cell it was. A file
+    without a single good cell is a DataFormatError.
+    """
     cells_path = os.path.join(base_path, "cells", f"{scene}.pkl")
     poses_path = os.path.join(base_path, "poses", f"{scene}.pkl")
-    cells = _load_list(cells_path, Cell, "cells")
+    raw_cells = _load_list(cells_path, None, "cells")
     poses = _load_list(poses_path, Pose, "poses")
     for pose in poses:
         _check_pose(pose, poses_path)
+    checked = validate_cells(raw_cells, log=log, what=f"cells of {cells_path}")
+    if raw_cells and not checked.good:
+        raise DataFormatError(f"{cells_path} holds no usable cell ({checked.summary()})")
     direction = load_direction_map(base_path, scene) if with_direction else None
-    data = SceneData([scene], cells, poses, direction)
-    missing = {p.cell_id for p in poses} - set(data.cells_dict)
+    dropped_ids = {cid for cid, _ in checked.dropped}
+    kept_poses = [p for p in poses if p.cell_id not in dropped_ids]
+    if len(kept_poses) < len(poses):
+        log(f"dropped {len(poses) - len(kept_poses)} of {len(poses)} poses of {poses_path}: their best cell was dropped")
+    data = SceneData([scene], checked.good, kept_poses, direction)
+    missing = {p.cell_id for p in kept_poses} - set(data.cells_dict)
     if missing:
         raise DataFormatError(
             f"{poses_path}: {len(missing)} poses name cells absent from {cells_path}, e.g. {sorted(missing)[0]}"
@@ -133,9 +156,10 @@ def scenes_of_split(base_path: str, split: str) -> list[str]:
     return scenes
 
 
-def load_scenes(base_path: str, scenes: Iterable[str], with_direction: bool = True) -> SceneData:
+def load_scenes(base_path: str, scenes: Iterable[str], with_direction: bool = True,
+                log: Log = warn_to_stderr) -> SceneData:
     """Load and concatenate several scenes."""
-    parts = [load_scene(base_path, s, with_direction) for s in scenes]
+    parts = [load_scene(base_path, s, with_direction, log=log) for s in scenes]
     direction: Optional[dict] = None
     if with_direction and any(p.direction_map is not None for p in parts):
         direction = {}
@@ -149,9 +173,9 @@ def load_scenes(base_path: str, scenes: Iterable[str], with_direction: bool = Tr
     )
 
 
-def load_split(base_path: str, split: str, with_direction: bool = True) -> SceneData:
+def load_split(base_path: str, split: str, with_direction: bool = True, log: Log = warn_to_stderr) -> SceneData:
     """Load the scenes of ``split`` (train / val / test / all) present in ``base_path``."""
-    return load_scenes(base_path, scenes_of_split(base_path, split), with_direction)
+    return load_scenes(base_path, scenes_of_split(base_path, split), with_direction, log=log)
 
 
 def cell_world_position(cell: Cell, pos_in_cell: np.ndarray) -> np.ndarray:

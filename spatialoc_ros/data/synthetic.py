@@ -43,16 +43,15 @@ import time
 from typing import Callable, Iterable, Optional
 
 import numpy as np
-from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from spatialoc_ros.data.cell_cutting import WorldIndex
 from spatialoc_ros.data.constants import (
     CLASS_TO_INDEX as CLASS_INDEX,
     COLOR_CENTERS,
     NUM_MENTIONED,
     SCENES_ALL,
     SPLITS,
-    STUFF_CLASSES,
     short_scene_name,
 )
 from spatialoc_ros.data.kitti360pose import Cell, DescriptionBestCell, Object3d, Pose, direction_of
@@ -69,17 +68,14 @@ POSE_DIST = 10.0
 POSE_COUNT = 4
 #: positions are shifted by up to this much in x and y (uniform, both signs).
 POSE_SHIFT = 10.0
-INSIDE_FRACTION = 1.0 / 3.0
 MIN_CELL_OBJECTS = NUM_MENTIONED
 CANDIDATE_DIST = 0.5
 MATCH_TOLERANCE = float(np.sqrt(2.0) / 2.0)
 STRATEGIES = ("closest", "class", "direction")
-#: stuff pieces: points closer than one voxel (2 m, 8-neighbourhood in x-y) belong to one piece;
-#: pieces with fewer points are dropped (the release: DBSCAN eps 0.75 m, 250 points, on dense clouds).
-STUFF_VOXEL = 2.0
-STUFF_MIN_POINTS = 10
+# Cells are cut by spatialoc_ros.data.cell_cutting (shared with user clouds): instances kept whole
+# when a third of their points is inside, stuff clipped and split into pieces on a 2 m x-y grid
+# (the release: DBSCAN eps 0.75 m, 250 points, on dense clouds).
 SENSOR_HEIGHT = 1.7
-TILE = 10.0
 
 # colour centre indices (constants.COLOR_CENTERS order)
 _DG, _G1, _GG, _BG, _G2, _BK, _GR, _BE = range(8)
@@ -585,84 +581,8 @@ def _polyline_samples(points: np.ndarray, step: float, total: float):
 
 
 # ==================================================================================================
-# Scene index, cells, poses
+# Cells and poses
 # ==================================================================================================
-class _SceneIndex:
-    """All points of a scene, bucketed in 10 m tiles, for fast cropping of cells."""
-
-    def __init__(self, world: _World):
-        lens = np.array([len(x) for x in world.xyz])
-        self.labels = world.labels
-        self.instance_ids = np.array(world.instance_ids, dtype=np.int64)
-        self.xyz = np.concatenate(world.xyz)
-        self.rgb = np.concatenate(world.rgb)
-        self.start = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        self.length = lens
-        self.obj = np.repeat(np.arange(len(lens)), lens)
-        self.is_stuff = np.array([lbl in STUFF_CLASSES for lbl in world.labels])
-        self.min_xy = self.xyz[:, :2].min(axis=0)
-        t = np.floor((self.xyz[:, :2] - self.min_xy) / TILE).astype(np.int64)
-        self.nx, self.ny = int(t[:, 0].max()) + 1, int(t[:, 1].max()) + 1
-        key = t[:, 0] * self.ny + t[:, 1]
-        self.order = np.argsort(key, kind="stable")
-        self.tile_start = np.searchsorted(key[self.order], np.arange(self.nx * self.ny + 1))
-
-    def points_in(self, bbox: np.ndarray) -> np.ndarray:
-        lo = np.floor((bbox[0:2] - self.min_xy) / TILE).astype(int)
-        hi = np.floor((bbox[3:5] - self.min_xy) / TILE).astype(int)
-        tx0, ty0 = max(lo[0], 0), max(lo[1], 0)
-        tx1, ty1 = min(hi[0], self.nx - 1), min(hi[1], self.ny - 1)
-        if tx0 > tx1 or ty0 > ty1:
-            return np.zeros(0, dtype=np.int64)
-        idx = np.concatenate([
-            self.order[self.tile_start[tx * self.ny + ty0]: self.tile_start[tx * self.ny + ty1 + 1]]
-            for tx in range(tx0, tx1 + 1)
-        ])
-        p = self.xyz[idx]
-        m = ((p[:, 0] >= bbox[0]) & (p[:, 1] >= bbox[1]) & (p[:, 2] >= bbox[2])
-             & (p[:, 0] <= bbox[3]) & (p[:, 1] <= bbox[4]) & (p[:, 2] <= bbox[5]))
-        return np.sort(idx[m])
-
-    def crop(self, bbox: np.ndarray, cell_size: float) -> list[Object3d]:
-        """The release's create_cell: stuff cropped and split, instances kept whole when >= 1/3 inside."""
-        idx = self.points_in(bbox)
-        if len(idx) == 0:
-            return []
-        obj = self.obj[idx]
-        pieces: list[tuple[int, int, np.ndarray]] = []  # (object, piece, point indices)
-        uobj, counts = np.unique(obj, return_counts=True)
-        inst = ~self.is_stuff[uobj]
-        keep = uobj[inst][counts[inst] >= INSIDE_FRACTION * self.length[uobj[inst]]]
-        for o in keep:
-            pieces.append((int(o), 0, np.arange(self.start[o], self.start[o] + self.length[o])))
-        smask = self.is_stuff[obj]
-        if smask.any():
-            sidx, sobj = idx[smask], obj[smask]
-            su = np.unique(sobj)
-            local = np.searchsorted(su, sobj)
-            g = int(np.ceil(cell_size / STUFF_VOXEL))
-            gxy = np.clip(((self.xyz[sidx, 0:2] - bbox[0:2]) / STUFF_VOXEL).astype(np.int64), 0, g - 1)
-            grid = np.zeros((len(su), g, g), dtype=bool)
-            grid[local, gxy[:, 0], gxy[:, 1]] = True
-            structure = np.zeros((3, 3, 3), dtype=bool)
-            structure[1] = True
-            labels, _ = ndimage.label(grid, structure=structure)
-            comp = labels[local, gxy[:, 0], gxy[:, 1]]
-            order = np.argsort(comp, kind="stable")
-            comp_sorted = comp[order]
-            bounds = np.flatnonzero(np.diff(comp_sorted)) + 1
-            for grp in np.split(order, bounds):
-                if len(grp) >= STUFF_MIN_POINTS:
-                    pieces.append((int(su[local[grp[0]]]), int(comp[grp[0]]), sidx[grp]))
-        pieces.sort(key=lambda p: (p[0], p[1]))
-        origin = bbox[0:3]
-        objects = []
-        for i, (o, _, pidx) in enumerate(pieces):
-            xyz = ((self.xyz[pidx] - origin) / cell_size).astype(np.float32)
-            objects.append(Object3d(i, int(self.instance_ids[o]), xyz, self.rgb[pidx].copy(), self.labels[o]))
-        return objects
-
-
 def _closest(obj: Object3d, anchor: np.ndarray) -> tuple[np.ndarray, float]:
     d = np.linalg.norm(obj.xyz - anchor[None, :], axis=1)
     i = int(np.argmin(d))
@@ -771,7 +691,7 @@ def _build_scene(scene: str, seed: int, route_len: float, rare: dict) -> tuple[l
                     d = nodes[u] - nodes[v]
                     _street(world, nodes[v], nodes[v] + d / np.linalg.norm(d) * 25.0, {}, stub=True)
     world.finish()
-    index = _SceneIndex(world)
+    index = WorldIndex(world.labels, world.instance_ids, world.xyz, world.rgb)
 
     # --- database cells on a 10 m grid near the drive ------------------------------------------
     drive_z = ground(drive) + SENSOR_HEIGHT
@@ -833,7 +753,7 @@ def _build_scene(scene: str, seed: int, route_len: float, rare: dict) -> tuple[l
     return cells, poses, direction_map, {"world_objects": len(world.labels), **counters}
 
 
-def _describe_position(index: _SceneIndex, pose_w: np.ndarray, best: Cell, best_inst: np.ndarray,
+def _describe_position(index: WorldIndex, pose_w: np.ndarray, best: Cell, best_inst: np.ndarray,
                        counters: dict) -> list[Pose]:
     pbbox = _cell_bbox(pose_w)
     objs = index.crop(pbbox, CELL_SIZE)
@@ -985,6 +905,15 @@ def _city_version(path: str) -> Optional[int]:
         return None
 
 
+def _make_shareable(folder: str) -> None:
+    """Folders 0755 and files 0644 under ``folder`` (mkdtemp makes its folder 0700): the default
+    city is a cache other users and services (a ROS node under another account) read."""
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+
+
 def ensure_default_city(log: Optional[Callable[[str], None]] = print) -> str:
     """Path of the default synthetic city (seed 0, scale default), generated there when missing.
 
@@ -1010,6 +939,7 @@ def ensure_default_city(log: Optional[Callable[[str], None]] = print) -> str:
                 return path
             old = tempfile.mkdtemp(prefix=".default_city_seed0.old.", dir=parent)
             os.rename(path, os.path.join(old, "city"))
+        _make_shareable(tmp)
         try:
             os.rename(tmp, path)
         except OSError:
@@ -1043,15 +973,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "KITTI-360 scene names.",
     )
     parser.add_argument("--out", required=True, help="output folder (created; existing scene files are overwritten)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed, 0 .. 2**32 - 1 (same seed, same bytes)")
     parser.add_argument("--scale", choices=sorted(SCALES), default="default",
                         help="small: a few cells per scene (tests); default: >= 3000/500/1000 "
                              "train/val/test queries; large: about 3x default")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     args = parser.parse_args(argv)
+    from spatialoc_ros.cli import check_number, check_output_dir
+
+    check_number(parser, "--seed", args.seed, low=0, high=2**32 - 1)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        print(f"error: --out {args.out} exists and is not a folder", file=sys.stderr)
-        return 2
+        parser.error(f"--out {args.out} exists and is not a folder")
+    check_output_dir(parser, "--out", args.out)
     stats = generate_city(args.out, seed=args.seed, scale=args.scale, log=None if args.quiet else print)
     print(_summary(stats))
     return 0

@@ -15,8 +15,9 @@ from typing import Optional
 
 import numpy as np
 
+from spatialoc_ros.cli import device_name, finite_float
+
 FEATURES = ("class", "color", "position", "num")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def add_common_eval_args(parser: argparse.ArgumentParser, default_top_k: list[int]) -> None:
@@ -49,13 +50,13 @@ def add_common_eval_args(parser: argparse.ArgumentParser, default_top_k: list[in
     g = parser.add_argument_group("metrics and output")
     g.add_argument("--top_k", type=int, nargs="+", default=default_top_k,
                    help=f"k of the recall tables (default {' '.join(map(str, default_top_k))})")
-    g.add_argument("--threshs", type=float, nargs="+", default=[5.0, 10.0, 15.0],
+    g.add_argument("--threshs", type=finite_float, nargs="+", default=[5.0, 10.0, 15.0],
                    help="distance thresholds in metres (default 5 10 15)")
     g.add_argument("--out_json", type=str, default=None, metavar="FILE", help="write every number to FILE")
     g.add_argument("--plots_dir", type=str, default=None, metavar="DIR", help="write the PNG figures to DIR")
 
     g = parser.add_argument_group("runtime")
-    g.add_argument("--device", type=str, default="auto", choices=DEVICES, help="auto = CUDA when available")
+    g.add_argument("--device", type=device_name, default="auto", metavar="{auto,cpu,cuda,cuda:N}", help="auto = CUDA when available")
     g.add_argument("--batch_size", type=int, default=64, help="queries / cells per forward pass")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--no_progress", action="store_true", help="hide the tqdm progress bars")
@@ -68,12 +69,15 @@ def check_eval_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         path = getattr(args, name, None)
         if path is not None and not os.path.isfile(path):
             parser.error(f"--{name} {path}: no such file")
-    if any(k < 1 for k in args.top_k):
-        parser.error("--top_k values must be >= 1")
-    if any(t <= 0 for t in args.threshs):
-        parser.error("--threshs values must be > 0")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be >= 1")
+    from spatialoc_ros.cli import check_number, check_output_dir, check_output_file
+
+    check_number(parser, "--top_k", args.top_k, low=1)
+    check_number(parser, "--threshs", args.threshs, low=0, low_open=True)
+    check_number(parser, "--batch_size", args.batch_size, low=1)
+    check_number(parser, "--max_queries", args.max_queries, low=1)
+    check_number(parser, "--threads", args.threads, low=1)
+    check_output_file(parser, "--out_json", args.out_json)
+    check_output_dir(parser, "--plots_dir", args.plots_dir)
     args.top_k = sorted(set(args.top_k))
     args.threshs = sorted(set(args.threshs))
 

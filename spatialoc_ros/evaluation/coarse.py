@@ -45,6 +45,14 @@ def resolve_data(args: argparse.Namespace) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI; a user error is one line on stderr and exit code 2."""
+    from spatialoc_ros.cli import user_errors
+
+    with user_errors("python -m spatialoc_ros.evaluation.coarse"):
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_eval_args(args, parser)

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from spatialoc_ros.cli import finite_float
 from spatialoc_ros.data.loading import load_split, query_text
 from spatialoc_ros.evaluation import metrics, plots
 from spatialoc_ros.evaluation.args import (
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine (UGFL) checkpoint (default: the one shipped with the package)")
     g.add_argument("--coarse_top_k", type=int, nargs="+", default=[1, 3, 5],
                    help="k of the coarse retrieval table (default 1 3 5)")
-    g.add_argument("--sigma_scale", type=float, default=None,
+    g.add_argument("--sigma_scale", type=finite_float, default=None,
                    help="override the covariance calibration scalar stored in the fine checkpoint "
                    "(1 = the model's raw covariance)")
     g.add_argument("--map_scene", type=str, default=None,
@@ -138,13 +139,22 @@ def draw_plots(res: dict, data, args: argparse.Namespace, split: str) -> list[st
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI; a user error is one line on stderr and exit code 2."""
+    from spatialoc_ros.cli import user_errors
+
+    with user_errors("python -m spatialoc_ros.evaluation.pipeline"):
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_eval_args(args, parser)
-    if any(k < 1 for k in args.coarse_top_k):
-        parser.error("--coarse_top_k values must be >= 1")
-    if args.sigma_scale is not None and not args.sigma_scale > 0:
-        parser.error("--sigma_scale must be > 0")
+    from spatialoc_ros.cli import check_number
+    from spatialoc_ros.models.checkpoint import EXTRA_RANGES
+
+    check_number(parser, "--coarse_top_k", args.coarse_top_k, low=1)
+    check_number(parser, "--sigma_scale", args.sigma_scale, *EXTRA_RANGES["sigma_scale"][1:])
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     device, note = resolve_device(args.device)

@@ -30,6 +30,7 @@ def build_object_encoder(cfg, load_pointnet: bool = True) -> ObjectEncoder:
         use_features=cfg.use_features,
         feature_dim=FEATURE_DIM,
         dropout=cfg.dropout,
+        pointnet_arch=cfg.pointnet_arch,
         pointnet_path=cfg.pointnet_path if load_pointnet else None,
     )
 

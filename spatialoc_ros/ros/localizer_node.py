@@ -1,50 +1,65 @@
-"""The ``localizer`` node: text instruction in, pose estimate out.
+"""The ``localizer`` lifecycle node: text instruction in, pose estimate out.
 
-On start it loads the models (:class:`spatialoc_ros.inference.Localizer`), waits for the map
-service (exponential back-off, logged, never gives up), fetches the cells and embeds them once.
-Then, for each instruction (std_msgs/String on ``instruction``) it publishes, with one stamp:
+Lifecycle (``rclpy.lifecycle``; nav2's ``lifecycle_manager`` can drive it, see the README):
 
-- ``pose`` (geometry_msgs/PoseWithCovarianceStamped): the top-1 mean in world metres, z = 0,
-  identity orientation, covariance 6x6 row-major with the x-y block in m^2 and the unknown
+- **configure**: check the parameters, load and validate the checkpoints (an invalid value or a
+  bad file fails the transition with one ERROR line naming it; the node stays unconfigured and
+  alive), create the publishers and the map-service client.
+- **activate**: fetch the map from the ``GetMapCells`` service, validate the cells
+  (:func:`spatialoc_ros.data.validation.validate_cells`: bad cells are dropped with a reason), check
+  that the map's frame agrees with ``frame_id``, embed the cells, start answering. Without a usable
+  map the transition fails and the node stays inactive.
+- **deactivate**: stop answering and drop the map embedding; **cleanup**: free the models (and the
+  CUDA cache when on CUDA); **shutdown** from any state.
+
+With ``autostart`` (default true) the node configures and activates itself; while the map service
+is missing or has no usable map it tries to activate again, the wait growing from
+``service_wait_s`` to ``service_backoff_max_s``. Under a lifecycle manager set ``autostart:=false``.
+
+For each instruction (std_msgs/String on ``instruction``) it publishes, stamped with the ROS time
+the instruction was RECEIVED (so AMCL integrates the odometry of the time spent queueing and
+inferring):
+
+- ``pose`` (geometry_msgs/PoseWithCovarianceStamped, transient local, depth 1, like AMCL's
+  ``amcl_pose``; remap it to ``/initialpose`` to seed AMCL): the top-1 mean in world metres,
+  z = 0, identity orientation, covariance 6x6 with the x-y block in m^2 and the unknown
   z/roll/pitch/yaw variances set large;
-- ``hypotheses`` (geometry_msgs/PoseArray): the top-k means;
-- ``hypotheses_detail`` (spatialoc_ros/HypothesisArray): the top-k with scores and covariances;
-- ``markers`` (visualization_msgs/MarkerArray): the top-1 2-sigma ellipse, the top-k cells, scores.
+- ``hypotheses`` (geometry_msgs/PoseArray), ``hypotheses_detail`` (spatialoc_ros/HypothesisArray),
+  ``markers`` (visualization_msgs/MarkerArray).
 
 Inference runs on a worker thread fed by a bounded queue that keeps the newest instructions
-(``queue_size``); drops are counted and logged. Bad input (empty, whitespace-only, too long,
-nonsense, or anything before the map is ready) is refused with one log line; nothing is published
-for it and the node carries on. ``status`` (std_msgs/String, transient local) tells where the node
-stands, e.g. ``state=ready cells=120 received=3 answered=3 dropped=0 rejected=0 device=cpu``.
-Service ``reload_map`` (std_srvs/Trigger) fetches and embeds the map again.
+(``queue_size``); drops are counted and logged. Bad input is refused with one log line; nothing is
+published for it. Non-finite model outputs are counted and logged, never published. Readiness and
+counters go to ``/diagnostics`` (diagnostic_msgs/DiagnosticArray) and, human-readable, to
+``status`` (std_msgs/String, transient local), e.g. ``state=ready lifecycle=active cells=120
+received=3 answered=3 ...``. Service ``reload_map`` (std_srvs/Trigger) fetches the map again; a
+failed reload keeps the previous map answering.
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
-import math
 import re
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import rclpy
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.time import Time
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
+from spatialoc_ros.data.validation import validate_cells
 from spatialoc_ros.ros import conversions
 from spatialoc_ros.ros.instruction import check_instruction
-from spatialoc_ros.ros.params import declare_or_default
+from spatialoc_ros.ros.lifecycle_base import COMMON_PARAMETERS, STATUS_QOS, SpatialocLifecycleNode, spin
+from spatialoc_ros.ros.params import ParamSpec
 from spatialoc_ros.msg import HypothesisArray
 from spatialoc_ros.srv import GetMapCells
 
@@ -62,99 +77,94 @@ OUTPUT_QOS = QoSProfile(
     history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
     durability=DurabilityPolicy.VOLATILE,
 )
-STATUS_QOS = QoSProfile(
+#: The pose is latched like AMCL's amcl_pose: a late subscriber still gets the last estimate.
+POSE_QOS = QoSProfile(
     history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
     durability=DurabilityPolicy.TRANSIENT_LOCAL,
 )
+__all__ = ["INSTRUCTION_QOS", "OUTPUT_QOS", "POSE_QOS", "STATUS_QOS", "PARAMETERS", "LocalizerNode", "main"]
+
+
+def _device_problem(value: Any) -> Optional[str]:
+    if not DEVICE_PATTERN.match(str(value).strip().lower()):
+        return f"device must be auto, cpu, cuda or cuda:N, got {value!r}"
+    return None
+
+
+def _name_problem(name: str, allow_empty: bool):
+    def check(value: Any) -> Optional[str]:
+        text = str(value)
+        if (not allow_empty and not text.strip()) or any(c.isspace() for c in text):
+            return f"{name} must be a {'' if allow_empty else 'non-empty '}name without spaces, got {value!r}"
+        return None
+    return check
+
+
+#: Every parameter of the node (one source of truth: config/localizer.yaml mirrors these).
+PARAMETERS: dict[str, ParamSpec] = {
+    "coarse_checkpoint": ParamSpec(
+        "", "Coarse (retrieval) checkpoint .pth; '' = the one shipped in spatialoc_ros/resources/checkpoints."),
+    "fine_checkpoint": ParamSpec(
+        "", "Fine (UGFL) checkpoint .pth; '' = the one shipped in spatialoc_ros/resources/checkpoints."),
+    "text_model": ParamSpec(
+        "minilm", "Frozen language model: 'minilm' (shipped), a local model folder, or a name in the local "
+                  "Hugging Face cache; '' = the one named in the checkpoints."),
+    "device": ParamSpec(
+        "auto", "Inference device: auto | cpu | cuda | cuda:N. auto = CUDA when present; CUDA asked for but "
+                "absent falls back to the CPU (logged).", check=_device_problem),
+    "top_k": ParamSpec(5, f"Hypotheses (retrieved cells) per instruction, 1..{MAX_TOP_K}.", 1, MAX_TOP_K, dynamic=True),
+    "frame_id": ParamSpec(
+        "", "Frame of the published poses and markers. '' = the map server's frame (GetMapCells.frame_id); "
+            "a non-empty value must agree with it, else activation fails.",
+        check=_name_problem("frame_id", allow_empty=True)),
+    "map_service": ParamSpec(
+        "get_map_cells", "Name of the GetMapCells service to fetch the map from (relative names follow the "
+                         "namespace).", check=_name_problem("map_service", allow_empty=False)),
+    "max_instruction_chars": ParamSpec(
+        2000, "Longer instructions are refused (logged), not answered.", 1, 1_000_000, dynamic=True),
+    "queue_size": ParamSpec(
+        1, "Instructions waiting for inference; when full the oldest is dropped (counted, logged).", 1, 10000,
+        dynamic=True),
+    "service_wait_s": ParamSpec(
+        1.0, "How long one activation waits for the map service, seconds; doubled after each failed "
+             "autostart try, up to service_backoff_max_s.", 0.01, 3600.0),
+    "service_backoff_max_s": ParamSpec(
+        30.0, "Longest wait between autostart activation tries, seconds.", 0.01, 86400.0),
+    "service_call_timeout_s": ParamSpec(
+        60.0, "How long one get_map_cells call may take before it counts as failed, seconds.", 0.1, 3600.0),
+    "sentence_cache": ParamSpec(
+        True, "Keep the language-model features of every distinct hint sentence (faster repeated hints; "
+              "bounded LRU)."),
+}
 
 
 @dataclass(frozen=True)
 class LocalizerConfig:
-    """The node's parameters (defaults here; descriptions in :data:`PARAMETERS`)."""
+    """The node's parameters as read at configure (dynamic ones are updated when changed)."""
 
-    coarse_checkpoint: str = ""
-    fine_checkpoint: str = ""
-    text_model: str = "minilm"
-    device: str = "auto"
-    top_k: int = 5
-    frame_id: str = "map"
-    map_service: str = "get_map_cells"
-    max_instruction_chars: int = 2000
-    queue_size: int = 1
-    service_wait_s: float = 1.0
-    service_backoff_max_s: float = 30.0
-    service_call_timeout_s: float = 60.0
-    sentence_cache: bool = True
-
-
-#: name -> (description, type, read_only). Read-only ones only take effect at start.
-PARAMETERS: dict[str, tuple[str, int, bool]] = {
-    "coarse_checkpoint": (
-        "Coarse (retrieval) checkpoint .pth; '' = the one shipped in spatialoc_ros/resources/checkpoints.",
-        ParameterType.PARAMETER_STRING, True,
-    ),
-    "fine_checkpoint": (
-        "Fine (UGFL) checkpoint .pth; '' = the one shipped in spatialoc_ros/resources/checkpoints.",
-        ParameterType.PARAMETER_STRING, True,
-    ),
-    "text_model": (
-        "Frozen language model: 'minilm' (shipped), a local model folder, or a name in the local "
-        "Hugging Face cache; '' = the one named in the checkpoints.",
-        ParameterType.PARAMETER_STRING, True,
-    ),
-    "device": (
-        "Inference device: auto | cpu | cuda | cuda:N. auto = CUDA when present; CUDA asked for "
-        "but absent falls back to the CPU (logged).",
-        ParameterType.PARAMETER_STRING, True,
-    ),
-    "top_k": (f"Hypotheses (retrieved cells) per instruction, 1..{MAX_TOP_K}.", ParameterType.PARAMETER_INTEGER, False),
-    "frame_id": ("Frame of the published poses and markers (the map's world frame).", ParameterType.PARAMETER_STRING, False),
-    "map_service": (
-        "Name of the GetMapCells service to fetch the map from (relative names follow the namespace).",
-        ParameterType.PARAMETER_STRING, True,
-    ),
-    "max_instruction_chars": (
-        "Longer instructions are refused (logged), not answered.", ParameterType.PARAMETER_INTEGER, False,
-    ),
-    "queue_size": (
-        "Instructions waiting for inference; when full the oldest is dropped (counted, logged).",
-        ParameterType.PARAMETER_INTEGER, False,
-    ),
-    "service_wait_s": (
-        "First wait for the map service, seconds; doubled after each failed try.",
-        ParameterType.PARAMETER_DOUBLE, False,
-    ),
-    "service_backoff_max_s": (
-        "Longest wait between tries to reach the map service, seconds.", ParameterType.PARAMETER_DOUBLE, False,
-    ),
-    "service_call_timeout_s": (
-        "How long one get_map_cells call may take before it counts as failed, seconds.",
-        ParameterType.PARAMETER_DOUBLE, False,
-    ),
-    "sentence_cache": (
-        "Keep the language-model features of every distinct hint sentence (faster repeated hints; "
-        "memory grows with the number of distinct sentences seen).",
-        ParameterType.PARAMETER_BOOL, True,
-    ),
-}
+    autostart: bool
+    coarse_checkpoint: str
+    fine_checkpoint: str
+    text_model: str
+    device: str
+    top_k: int
+    frame_id: str
+    map_service: str
+    max_instruction_chars: int
+    queue_size: int
+    service_wait_s: float
+    service_backoff_max_s: float
+    service_call_timeout_s: float
+    sentence_cache: bool
+    diagnostics_period_s: float
 
 
-def check_parameter(name: str, value: Any) -> Optional[str]:
-    """Why ``value`` is not acceptable for parameter ``name``, or None when it is."""
-    if name == "top_k" and not (1 <= int(value) <= MAX_TOP_K):
-        return f"top_k must be in 1..{MAX_TOP_K}, got {value}"
-    if name == "device" and not DEVICE_PATTERN.match(str(value).strip().lower()):
-        return f"device must be auto, cpu, cuda or cuda:N, got {value!r}"
-    if name in ("frame_id", "map_service") and (not str(value).strip() or any(c.isspace() for c in str(value))):
-        return f"{name} must be a non-empty name without spaces, got {value!r}"
-    if name == "max_instruction_chars" and int(value) < 1:
-        return f"max_instruction_chars must be >= 1, got {value}"
-    if name == "queue_size" and not (1 <= int(value) <= 10000):
-        return f"queue_size must be in 1..10000, got {value}"
-    if name in ("service_wait_s", "service_backoff_max_s", "service_call_timeout_s"):
-        if not (math.isfinite(float(value)) and float(value) > 0):
-            return f"{name} must be a positive number of seconds, got {value}"
-    return None
+assert {f.name for f in fields(LocalizerConfig)} == set(PARAMETERS) | set(COMMON_PARAMETERS), \
+    "LocalizerConfig and the parameter tables disagree"
+
+
+class MapUnavailable(Exception):
+    """No usable map could be fetched (the reason is the message)."""
 
 
 @dataclass
@@ -166,115 +176,149 @@ class _Counters:
     failed: int = 0
 
 
-class LocalizerNode(Node):
+class LocalizerNode(SpatialocLifecycleNode):
     """See the module docstring."""
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(NODE_NAME, **kwargs)
-        self.cfg = self._read_parameters()
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-        self.add_post_set_parameters_callback(self._after_set_parameters)
-
+        super().__init__(NODE_NAME, PARAMETERS, **kwargs)
+        self.cfg = LocalizerConfig(**self.parameter_values())
         self._lock = threading.Condition()
         self._queue: collections.deque = collections.deque()
         self._reload_requests: list[dict] = []
-        self._stop = threading.Event()
+        self._worker_stop = threading.Event()
+        self._worker: Optional[threading.Thread] = None
         self._counts = _Counters()
         self._counts_lock = threading.Lock()
-        self._state = "starting"
-        self._detail = ""
         self._num_cells = 0
+        self._frame = ""
         self._device = "?"
-        self._localizer = None  # spatialoc_ros.inference.Localizer, built on the worker thread
-        self._status_sent = ""
-
-        self._service_group = MutuallyExclusiveCallbackGroup()
-        self._client_group = MutuallyExclusiveCallbackGroup()
-        self._map_client = self.create_client(
-            GetMapCells, self.cfg.map_service, callback_group=self._client_group
-        )
-        self._pose_pub = self.create_publisher(PoseWithCovarianceStamped, "pose", OUTPUT_QOS)
-        self._array_pub = self.create_publisher(PoseArray, "hypotheses", OUTPUT_QOS)
-        self._detail_pub = self.create_publisher(HypothesisArray, "hypotheses_detail", OUTPUT_QOS)
-        self._markers_pub = self.create_publisher(MarkerArray, "markers", OUTPUT_QOS)
-        self._status_pub = self.create_publisher(String, "status", STATUS_QOS)
-        self.create_subscription(String, "instruction", self._on_instruction, INSTRUCTION_QOS)
+        self._localizer = None  # spatialoc_ros.inference.Localizer, from configure to cleanup
+        self._map_client = None
+        self._pubs: dict[str, Any] = {}
+        self._service_group = MutuallyExclusiveCallbackGroup()  # reload_map
+        self._client_group = MutuallyExclusiveCallbackGroup()  # map-service responses
+        self.create_subscription(String, "instruction", self._on_instruction, INSTRUCTION_QOS,
+                                 callback_group=self._io_group)
         self.create_service(Trigger, "reload_map", self._on_reload_map, callback_group=self._service_group)
-        self.create_timer(1.0, self._publish_status)
-        self._set_state("starting")
-
-        self._worker = threading.Thread(target=self._run_worker, name="localizer-inference", daemon=True)
-        self._worker.start()
+        self.set_phase("unconfigured")
 
     # ----------------------------------------------------------------- parameters
-    def _read_parameters(self) -> LocalizerConfig:
-        defaults = LocalizerConfig()
-        values = {}
-        for name, (description, ptype, read_only) in PARAMETERS.items():
-            descriptor = ParameterDescriptor(description=description, type=ptype, read_only=read_only)
-            value = declare_or_default(self, name, getattr(defaults, name), descriptor)
-            problem = check_parameter(name, value)
-            if problem is not None:
-                self.get_logger().error(f"invalid parameter: {problem}; using the default {getattr(defaults, name)!r}")
-                value = getattr(defaults, name)
-            values[name] = value
-        cfg = LocalizerConfig(**values)
-        if cfg.service_backoff_max_s < cfg.service_wait_s:
-            cfg = dataclasses.replace(cfg, service_backoff_max_s=cfg.service_wait_s)
-        return cfg
+    def on_dynamic_parameters(self, changes: dict[str, Any]) -> None:
+        self.cfg = LocalizerConfig(**{**self.cfg.__dict__, **changes})
 
-    def _on_set_parameters(self, params) -> SetParametersResult:
-        for p in params:
-            if p.name not in PARAMETERS:
-                continue
-            problem = check_parameter(p.name, p.value)
-            if problem is not None:
-                self.get_logger().warning(f"parameter change refused: {problem}")
-                return SetParametersResult(successful=False, reason=problem)
-        return SetParametersResult(successful=True)
+    def retry_waits(self) -> tuple[float, float]:
+        return self.cfg.service_wait_s, self.cfg.service_backoff_max_s
 
-    def _after_set_parameters(self, params) -> None:
-        changes = {p.name: p.value for p in params if p.name in PARAMETERS}
-        if changes:
-            self.cfg = dataclasses.replace(self.cfg, **changes)
-            self.get_logger().info(f"parameters changed: {changes}")
+    # ----------------------------------------------------------------- lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        problem = self.parameter_problem()
+        cfg = LocalizerConfig(**self.parameter_values())
+        if problem is None and cfg.service_backoff_max_s < cfg.service_wait_s:
+            problem = (f"service_backoff_max_s ({cfg.service_backoff_max_s:g}) must be >= service_wait_s "
+                       f"({cfg.service_wait_s:g})")
+        if problem is not None:
+            return self.refuse_transition("configure", f"{problem}; set valid values and configure again")
+        self.cfg = cfg
+        self.set_phase("loading_model")
+        try:
+            from spatialoc_ros.inference import Localizer
+
+            self._localizer = Localizer.from_checkpoints(
+                coarse_path=self.cfg.coarse_checkpoint or None,
+                fine_path=self.cfg.fine_checkpoint or None,
+                text_model=self.cfg.text_model or None,
+                device=self.cfg.device,
+                fixed_embedding=self.cfg.sentence_cache,
+            )
+        except Exception as e:  # noqa: BLE001 - any failure to load is a failed configure, with its cause
+            self._localizer = None
+            return self.refuse_transition(
+                "configure",
+                f"cannot load the models: {type(e).__name__}: {e}; fix coarse_checkpoint / fine_checkpoint / "
+                "text_model and configure again",
+            )
+        self._device = str(self._localizer.device)
+        note = getattr(self._localizer, "device_note", None)
+        if note:
+            self.get_logger().warning(f"device fallback: {note}")
+        self._map_client = self.create_client(GetMapCells, self.cfg.map_service, callback_group=self._client_group)
+        self._pubs = {
+            "pose": self.create_lifecycle_publisher(PoseWithCovarianceStamped, "pose", POSE_QOS),
+            "array": self.create_lifecycle_publisher(PoseArray, "hypotheses", OUTPUT_QOS),
+            "detail": self.create_lifecycle_publisher(HypothesisArray, "hypotheses_detail", OUTPUT_QOS),
+            "markers": self.create_lifecycle_publisher(MarkerArray, "markers", OUTPUT_QOS),
+        }
+        self.get_logger().info(
+            f"configured: models loaded on {self._device} (device parameter {self.cfg.device!r}, "
+            f"text model {self.cfg.text_model!r})"
+        )
+        self.set_phase("inactive")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.set_phase("waiting_for_map", f"service {self._map_client.srv_name}")
+        try:
+            message = self._fetch_and_embed(reason="activate", wait_s=self.cfg.service_wait_s)
+        except Exception as e:  # noqa: BLE001 - rclpy turns an escaping exception into a silent ERROR
+            if not isinstance(e, MapUnavailable):
+                e = MapUnavailable(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            self.set_phase("waiting_for_map" if self.autostarting() else "inactive", str(e)[:300])
+            if self.autostarting():
+                self.get_logger().warning(f"activation failed, no map yet: {e}")
+            else:
+                self.get_logger().error(f"activation failed: {e}; the node stays inactive (activate again)")
+            return TransitionCallbackReturn.FAILURE
+        self._start_worker()
+        result = super().on_activate(state)
+        self.get_logger().info(f"active: {message}")
+        self.set_phase("ready")
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_worker()
+        self._drop_map()
+        self.set_phase("inactive")
+        return super().on_deactivate(state)
+
+    def release(self) -> None:
+        """Stop answering; free the models, publishers and client (and the CUDA cache on CUDA)."""
+        self._stop_worker()
+        for pub in self._pubs.values():
+            self.destroy_lifecycle_publisher(pub)
+        self._pubs = {}
+        if self._map_client is not None:
+            self.destroy_client(self._map_client)
+            self._map_client = None
+        on_cuda = self._localizer is not None and self._localizer.device.type == "cuda"
+        self._localizer = None
+        self._num_cells = 0
+        if on_cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _drop_map(self) -> None:
+        if self._localizer is not None:
+            self._localizer.clear_map()
+        self._num_cells = 0
 
     # ----------------------------------------------------------------- status
     def _count(self, name: str) -> None:
         with self._counts_lock:
             setattr(self._counts, name, getattr(self._counts, name) + 1)
 
-    def _set_state(self, state: str, detail: str = "") -> None:
-        self._state, self._detail = state, detail
-        self._publish_status()
-
-    def _status_text(self) -> str:
+    def status_values(self) -> dict[str, str]:
         c = self._counts
-        text = (
-            f"state={self._state} cells={self._num_cells} received={c.received} answered={c.answered} "
-            f"dropped={c.dropped} rejected={c.rejected} failed={c.failed} device={self._device}"
-        )
-        return text + (f" detail={self._detail}" if self._detail else "")
-
-    def _publish(self, publisher, msg) -> None:
-        """Publish unless the node is shutting down (the worker may outlive the context by a moment)."""
-        if self._stop.is_set() or not self.context.ok():
-            return
-        try:
-            publisher.publish(msg)
-        except _rclpy.RCLError:
-            if self.context.ok():
-                raise
-            # the context was shut down between the check and the call: nothing left to publish to
-
-    def _publish_status(self) -> None:
-        text = self._status_text()
-        if text != self._status_sent:
-            self._status_sent = text
-            self._publish(self._status_pub, String(data=text))
+        nonfinite = sum(self._localizer.nonfinite.values()) if self._localizer is not None else 0
+        return {
+            "cells": str(self._num_cells), "received": str(c.received), "answered": str(c.answered),
+            "dropped": str(c.dropped), "rejected": str(c.rejected), "failed": str(c.failed),
+            "nonfinite": str(nonfinite), "device": self._device, "frame": self._frame or "?",
+        }
 
     # ----------------------------------------------------------------- instruction input
     def _on_instruction(self, msg: String) -> None:
+        received = self.get_clock().now()
         cfg = self.cfg
         self._count("received")
         check = check_instruction(msg.data, cfg.max_instruction_chars)
@@ -282,11 +326,11 @@ class LocalizerNode(Node):
             self._count("rejected")
             self.get_logger().warning(f"instruction refused: {check.reason}")
             return
-        if self._state != "ready":
+        if self.phase != "ready":
             self._count("rejected")
             self.get_logger().warning(
-                f"instruction refused: the map is not ready yet (state {self._state}"
-                + (f": {self._detail}" if self._detail else "")
+                f"instruction refused: the map is not ready yet (state {self.phase}, lifecycle "
+                f"{self.lifecycle_state}" + (f": {self._detail}" if self._detail else "")
                 + "); send it again once the status topic says state=ready"
             )
             return
@@ -299,159 +343,140 @@ class LocalizerNode(Node):
                     f"(queue_size={cfg.queue_size} keeps the newest; {self._counts.dropped} dropped so far)",
                     throttle_duration_sec=1.0,
                 )
-            self._queue.append((check.text, time.perf_counter()))
+            self._queue.append((check.text, received, time.perf_counter()))
             self._lock.notify()
 
     def _on_reload_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        if not self._worker.is_alive():
+        worker = self._worker
+        if self.phase != "ready" or worker is None or not worker.is_alive():
             response.success = False
-            response.message = f"cannot reload: the models are not loaded ({self._detail})"
+            response.message = (f"cannot reload: the node is not active (state {self.phase}, lifecycle "
+                                f"{self.lifecycle_state}); activate it first")
             return response
         ticket = {"done": threading.Event(), "success": False, "message": ""}
         with self._lock:
             self._reload_requests.append(ticket)
             self._lock.notify()
         while not ticket["done"].wait(0.5):
-            if self._stop.is_set() or not rclpy.ok(context=self.context):
-                response.success, response.message = False, "node is shutting down"
+            if self._worker_stop.is_set() or not rclpy.ok(context=self.context):
+                response.success, response.message = False, "the node is deactivating or shutting down"
                 return response
         response.success, response.message = ticket["success"], ticket["message"]
         return response
 
     # ----------------------------------------------------------------- worker thread
+    def _start_worker(self) -> None:
+        self._worker_stop.clear()
+        self._worker = threading.Thread(target=self._run_worker, name="localizer-inference", daemon=True)
+        self._worker.start()
+
+    def _stop_worker(self) -> None:
+        self._worker_stop.set()
+        with self._lock:
+            self._lock.notify_all()
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout=30.0)
+        self._worker = None
+        with self._lock:
+            self._queue.clear()
+            tickets, self._reload_requests = self._reload_requests, []
+        for ticket in tickets:
+            ticket["message"] = "the node stopped answering before the reload ran"
+            ticket["done"].set()
+
     def _run_worker(self) -> None:
-        """Owns the model: loads it, fetches the map, then answers instructions one by one."""
-        if not self._load_model() or self._stop.is_set():
-            return
-        self._acquire_map_with_backoff()
-        while not self._stop.is_set():
+        """Answers instructions one by one, and reloads of the map, while active."""
+        while not self._worker_stop.is_set():
             with self._lock:
-                while not (self._queue or self._reload_requests or self._stop.is_set()):
+                while not (self._queue or self._reload_requests or self._worker_stop.is_set()):
                     self._lock.wait(0.5)
-                if self._stop.is_set():
+                if self._worker_stop.is_set():
                     break
                 reloads, self._reload_requests = self._reload_requests, []
                 job = self._queue.popleft() if (self._queue and not reloads) else None
             for ticket in reloads:
-                ticket["success"], ticket["message"], _ = self._fetch_and_embed(reason="reload_map")
+                try:
+                    ticket["message"] = self._fetch_and_embed(reason="reload_map")
+                    ticket["success"] = True
+                except MapUnavailable as e:
+                    ticket["message"] = f"reload failed, the previous map ({self._num_cells} cells) stays: {e}"
+                    self.get_logger().error(ticket["message"])
                 ticket["done"].set()
             if job is not None:
                 self._answer(*job)
-        for ticket in self._reload_requests:
-            ticket["done"].set()
 
-    def _load_model(self) -> bool:
+    # ----------------------------------------------------------------- the map
+    def _fetch_cells(self, wait_s: float):
+        """(good cells, frame id) from the map service; MapUnavailable with the reason otherwise."""
         cfg = self.cfg
-        self._set_state("loading_model")
-        try:
-            from spatialoc_ros.inference import Localizer
-
-            self._localizer = Localizer.from_checkpoints(
-                coarse_path=cfg.coarse_checkpoint or None,
-                fine_path=cfg.fine_checkpoint or None,
-                text_model=cfg.text_model or None,
-                device=cfg.device,
-                fixed_embedding=cfg.sentence_cache,
-            )
-        except (OSError, ValueError, RuntimeError, KeyError, ImportError) as e:
-            reason = f"cannot load the models: {type(e).__name__}: {e}"
-            self.get_logger().error(
-                f"{reason}; the node stays up but answers nothing (fix coarse_checkpoint/fine_checkpoint/"
-                "text_model and restart)"
-            )
-            self._set_state("error", reason[:300])
-            return False
-        self._device = str(self._localizer.device)
-        note = getattr(self._localizer, "device_note", None)
-        if note:
-            self.get_logger().warning(f"device fallback: {note}")
-        self.get_logger().info(
-            f"models loaded on {self._device} (device parameter {cfg.device!r}, text model {cfg.text_model!r})"
-        )
-        return True
-
-    def _acquire_map_with_backoff(self) -> None:
-        """Try until a map is embedded: while the service is absent, wait for it (the wait grows
-        from service_wait_s to service_backoff_max_s); when it answers without a usable map,
-        sleep that long before asking again."""
-        self._set_state("waiting_for_map", f"service {self._map_client.srv_name}")
-        delay = self.cfg.service_wait_s
-        attempt = 0
-        while not self._stop.is_set() and self.context.ok():
-            attempt += 1
-            ok, message, reachable = self._fetch_and_embed(reason=f"start, try {attempt}", wait_s=delay)
-            if ok:
-                return
-            self.get_logger().warning(
-                f"no map yet (try {attempt}): {message}; "
-                + (f"asking again in {delay:.1f} s" if reachable else f"waiting up to {min(2 * delay, self.cfg.service_backoff_max_s):.1f} s for it")
-            )
-            if reachable and self._stop.wait(delay):
-                return
-            with self._lock:  # reload requests meanwhile: this loop is already retrying
-                tickets, self._reload_requests = self._reload_requests, []
-            for ticket in tickets:
-                ticket["success"], ticket["message"] = False, f"no map yet: {message} (retrying on its own)"
-                ticket["done"].set()
-            delay = min(delay * 2.0, self.cfg.service_backoff_max_s)
-
-    def _fetch_and_embed(self, reason: str, wait_s: Optional[float] = None) -> tuple[bool, str, bool]:
-        """Fetch the map and embed it; on failure keep the current map.
-
-        Returns (success, message, service_reachable)."""
-        cfg = self.cfg
-        had_map = self._num_cells > 0
         service = self._map_client.srv_name
-        if not self._map_client.wait_for_service(timeout_sec=wait_s if wait_s is not None else cfg.service_wait_s):
-            return False, f"map service {service} is not available", False
+        if not self._map_client.wait_for_service(timeout_sec=wait_s):
+            raise MapUnavailable(f"map service {service} is not available")
         future = self._map_client.call_async(GetMapCells.Request())
         done = threading.Event()
         future.add_done_callback(lambda _f: done.set())
         if not done.wait(cfg.service_call_timeout_s):
             self._map_client.remove_pending_request(future)
-            return False, f"map service {service} did not answer within {cfg.service_call_timeout_s:g} s", True
+            raise MapUnavailable(f"map service {service} did not answer within {cfg.service_call_timeout_s:g} s")
         if future.exception() is not None:
-            return False, f"map service {service} failed: {future.exception()}", True
+            raise MapUnavailable(f"map service {service} failed: {future.exception()}")
         result = future.result()
         if not result.success:
-            return False, f"map service {service} refused: {result.message}", True
+            raise MapUnavailable(f"map service {service} refused: {result.message}")
         if not result.cells:
-            return False, f"map service {service} sent an empty map ({result.message})", True
-        try:
-            cells = conversions.msgs_to_cells(result.cells)
-        except ValueError as e:
-            return False, f"map from {service} is malformed: {e}", True
-        usable = [c for c in cells if c.objects and all(len(o.xyz) > 0 for o in c.objects)]
-        if len(usable) < len(cells):
-            skipped = [c.id for c in cells if not (c.objects and all(len(o.xyz) > 0 for o in c.objects))]
-            self.get_logger().warning(
-                f"skipping {len(skipped)} of {len(cells)} cell(s) without objects or with empty objects "
-                f"(e.g. {skipped[0]}); they cannot match any description"
+            raise MapUnavailable(f"map service {service} sent an empty map ({result.message})")
+        cells = []
+        malformed = 0
+        for msg in result.cells:
+            try:
+                cells.append(conversions.msg_to_cell(msg))
+            except ValueError as e:
+                malformed += 1
+                self.get_logger().warning(f"cell {msg.id!r} from {service} is malformed and dropped: {e}",
+                                          throttle_duration_sec=1.0)
+        checked = validate_cells(cells, log=self.get_logger().warning, what=f"cells from {service}")
+        if not checked.good:
+            raise MapUnavailable(f"none of the {len(result.cells)} cells from {service} is usable "
+                                 f"({malformed} malformed; {checked.summary()})")
+        return checked.good, str(result.frame_id)
+
+    def _fetch_and_embed(self, reason: str, wait_s: Optional[float] = None) -> str:
+        """Fetch, validate and embed the map; the current map stays on any failure."""
+        cells, frame = self._fetch_cells(self.cfg.service_wait_s if wait_s is None else wait_s)
+        if not frame.strip():
+            raise MapUnavailable("the map service names no frame_id; set the map_server's frame_id")
+        if self.cfg.frame_id and self.cfg.frame_id != frame:
+            raise MapUnavailable(
+                f"frame mismatch: the map is in {frame!r} but frame_id is {self.cfg.frame_id!r}; "
+                "set frame_id to '' (use the map's) or to the map server's frame_id"
             )
-        if not usable:
-            return False, f"none of the {len(cells)} cells from {service} holds objects", True
-        if not had_map:
-            self._set_state("embedding_map", f"{len(usable)} cells")
+        if self._num_cells == 0:
+            self.set_phase(self.phase, f"embedding {len(cells)} cells")
         t0 = time.perf_counter()
         try:
-            self._localizer.set_map(usable, progress=False)
+            kept = self._localizer.set_map(cells, progress=False)
         except (ValueError, RuntimeError) as e:
-            message = f"cannot embed the map: {type(e).__name__}: {e}"
-            self.get_logger().error(message)
-            self._num_cells = 0  # the Localizer's previous index is gone too
-            self._set_state("waiting_for_map", message)
-            return False, message, True
-        self._num_cells = len(usable)
-        message = f"map of {len(usable)} cells embedded in {time.perf_counter() - t0:.1f} s ({reason})"
+            raise MapUnavailable(f"cannot embed the map: {type(e).__name__}: {e}") from e
+        self._num_cells = kept
+        self._frame = frame
+        message = f"map of {kept} cells embedded in {time.perf_counter() - t0:.1f} s ({reason}, frame {frame})"
         self.get_logger().info(message)
-        self._set_state("ready")
-        return True, message, True
+        if self.phase == "ready":
+            self._publish_status()
+        return message
 
-    def _answer(self, text: str, received_at: float) -> None:
+    # ----------------------------------------------------------------- answering
+    def _answer(self, text: str, received: Time, queued_at: float) -> None:
+        from spatialoc_ros.inference import NonFiniteOutputError
+
         cfg = self.cfg
         t0 = time.perf_counter()
         try:
             hyps = self._localizer.localize(text, top_k=cfg.top_k)
+        except NonFiniteOutputError as e:
+            self._count("failed")
+            self.get_logger().error(f"no answer for {text[:60]!r}: {e}; nothing published")
+            return
         except ValueError as e:  # the inference API's refusal of a text: bad input, not a bug
             self._count("rejected")
             self.get_logger().warning(f"instruction refused by the model: {e}")
@@ -463,49 +488,39 @@ class LocalizerNode(Node):
             )
             return
         inference_ms = 1e3 * (time.perf_counter() - t0)
-        finite = [h for h in hyps if conversions.is_finite_hypothesis(h)]
-        if len(finite) < len(hyps):
-            self.get_logger().error(
-                f"{len(hyps) - len(finite)} of {len(hyps)} hypotheses were not finite and are left out"
-            )
-        if not finite:
+        stamp = received.to_msg()
+        frame = self._frame
+        try:
+            detail = conversions.hypotheses_to_msg(hyps, frame, stamp, text, inference_ms)
+            pose = conversions.hypothesis_to_pose_stamped(hyps[0], frame, stamp)
+            array = conversions.hypotheses_to_pose_array(hyps, frame, stamp)
+            markers = conversions.hypotheses_to_markers(hyps, frame, stamp)
+        except ValueError as e:  # a non-finite value reached the conversions: refuse, never publish it
             self._count("failed")
-            self.get_logger().error(f"no finite hypothesis for {text[:60]!r}; nothing published")
+            self.get_logger().error(f"answer for {text[:60]!r} not publishable: {e}")
             return
-        stamp = self.get_clock().now().to_msg()
-        self._publish(self._detail_pub, conversions.hypotheses_to_msg(finite, cfg.frame_id, stamp, text, inference_ms))
-        self._publish(self._pose_pub, conversions.hypothesis_to_pose_stamped(finite[0], cfg.frame_id, stamp))
-        self._publish(self._array_pub, conversions.hypotheses_to_pose_array(finite, cfg.frame_id, stamp))
-        self._publish(self._markers_pub, conversions.hypotheses_to_markers(finite, cfg.frame_id, stamp))
+        if self.lifecycle_state != "active" or not self._pubs:
+            return  # deactivated meanwhile
+        self.publish_safely(self._pubs["detail"], detail)
+        self.publish_safely(self._pubs["pose"], pose)
+        self.publish_safely(self._pubs["array"], array)
+        self.publish_safely(self._pubs["markers"], markers)
         self._count("answered")
-        top = finite[0]
+        top = hyps[0]
         self.get_logger().info(
-            f"answered in {inference_ms:.0f} ms (queued {1e3 * (t0 - received_at):.0f} ms): cell {top.cell_id} "
+            f"answered in {inference_ms:.0f} ms (queued {1e3 * (t0 - queued_at):.0f} ms): cell {top.cell_id} "
             f"({top.mean_xy[0]:.1f}, {top.mean_xy[1]:.1f}) score {top.score:.3f}"
         )
 
     # ----------------------------------------------------------------- shutdown
     def stop(self) -> None:
-        self._stop.set()
-        with self._lock:
-            self._lock.notify_all()
-        self._worker.join(timeout=5.0)
+        """Stop every thread of the node (before the executor shuts down)."""
+        super().stop()
+        self._stop_worker()
 
 
 def main(args=None) -> int:
-    try:
-        with rclpy.init(args=args):
-            node = LocalizerNode()
-            executor = MultiThreadedExecutor(num_threads=3)
-            executor.add_node(node)
-            try:
-                executor.spin()
-            finally:
-                node.stop()
-                executor.shutdown(timeout_sec=1.0)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        return 0  # Ctrl-C / SIGTERM: a normal way to stop a node
-    return 0
+    return spin(LocalizerNode, args, threads=4)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,95 @@
-"""Parameter declaration shared by the nodes."""
+"""Parameter declaration shared by the nodes.
+
+Every parameter is declared with a description, its type, and (for numbers) an
+``IntegerRange`` / ``FloatingPointRange`` that ``ros2 param describe`` shows and rclpy enforces
+on every later change. An invalid start-up value (wrong type, out of range, refused by the node's
+own check) does not end the process and is not replaced silently: the parameter is declared with
+its default, and the problem is returned so that the node's ``configure`` fails with it.
+"""
 from __future__ import annotations
 
-from typing import Any
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
-from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.exceptions import InvalidParameterTypeException
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
+from rclpy.parameter import Parameter
+
+_TYPES = {
+    bool: ParameterType.PARAMETER_BOOL,
+    int: ParameterType.PARAMETER_INTEGER,
+    float: ParameterType.PARAMETER_DOUBLE,
+    str: ParameterType.PARAMETER_STRING,
+}
 
 
-def declare_or_default(node: Node, name: str, default: Any, descriptor: ParameterDescriptor) -> Any:
-    """Declare a parameter; an override of the wrong type (e.g. ``-p service_wait_s:=2`` for a
-    double) is logged in one line and the default used, instead of ending the node."""
-    try:
-        return node.declare_parameter(name, default, descriptor).value
-    except InvalidParameterTypeException as e:
-        hint = " (write doubles with a decimal point, e.g. 2.0)" if isinstance(default, float) else ""
-        node.get_logger().error(f"invalid parameter type for {name}: {e}; using the default {default!r}{hint}")
-        return node.declare_parameter(name, default, descriptor, ignore_override=True).value
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: default, description, optional inclusive range (numbers), optional extra
+    check (value -> reason or None), and whether it can change at run time without a new
+    configure (``dynamic``)."""
+
+    default: Any
+    description: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    check: Optional[Callable[[Any], Optional[str]]] = None
+    dynamic: bool = False
+
+    @property
+    def ptype(self) -> int:
+        return _TYPES[type(self.default)]
+
+    def descriptor(self) -> ParameterDescriptor:
+        text = self.description + ("" if self.dynamic else " (takes effect at the next configure)")
+        d = ParameterDescriptor(description=text, type=self.ptype)
+        if self.low is not None and self.ptype == ParameterType.PARAMETER_INTEGER:
+            d.integer_range = [IntegerRange(from_value=int(self.low), to_value=int(self.high), step=1)]
+        elif self.low is not None and self.ptype == ParameterType.PARAMETER_DOUBLE:
+            d.floating_point_range = [FloatingPointRange(from_value=float(self.low), to_value=float(self.high), step=0.0)]
+        return d
+
+    def problem(self, name: str, value: Any) -> Optional[str]:
+        """Why ``value`` is not acceptable (range, NaN, the extra check), or None."""
+        if self.low is not None:
+            number = float(value)
+            if not (math.isfinite(number) and self.low <= number <= self.high):
+                return f"{name} must be in {self.low:g}..{self.high:g}, got {value!r}"
+        if self.check is not None:
+            return self.check(value)
+        return None
+
+
+def declare_all(node: Node, specs: dict[str, ParamSpec]) -> dict[str, str]:
+    """Declare every parameter of ``specs``; returns {name: problem} for the start-up values that
+    were refused (the parameter then holds its default until set again). Register
+    :func:`refusal` as an on-set-parameters callback first, so that later changes are checked
+    the same way."""
+    problems: dict[str, str] = {}
+    for name, spec in specs.items():
+        try:
+            value = node.declare_parameter(name, spec.default, spec.descriptor()).value
+        except (InvalidParameterTypeException, InvalidParameterValueException) as e:
+            hint = " (write doubles with a decimal point, e.g. 2.0)" if isinstance(spec.default, float) else ""
+            problems[name] = f"{name}: {e}{hint}"
+            node.declare_parameter(name, spec.default, spec.descriptor(), ignore_override=True)
+            continue
+        why = spec.problem(name, value)
+        if why is not None:  # no refusal callback registered: keep the default all the same
+            problems[name] = why
+            node.set_parameters([Parameter(name, value=spec.default)])
+    return problems
+
+
+def refusal(specs: dict[str, ParamSpec], params) -> Optional[str]:
+    """For an on-set-parameters callback: the reason to refuse ``params``, or None."""
+    for p in params:
+        spec = specs.get(p.name)
+        if spec is None:
+            continue
+        why = spec.problem(p.name, p.value)
+        if why is not None:
+            return why
+    return None

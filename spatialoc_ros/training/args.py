@@ -3,6 +3,8 @@
 Every flag of the seed README's two training commands keeps working unchanged (``--hungging_model``
 is an alias of ``--text_model``; ``--fixed_embedding`` may be given twice; ``--object_size`` /
 ``--pad_size`` are aliases of ``--max_objects``; ``--pointnet_numpoints`` of ``--num_points``).
+As in the seed, the PointNet backbone is taken from ``./checkpoints/pointnet_acc0.86_lr1_p256_model.pth``
+when that file exists (see ``--pointnet_path``); it is read safely, never with a plain torch.load.
 Each CLI builds one parser from the groups below plus its own stage-specific group.
 """
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 
+from spatialoc_ros.cli import device_name, finite_float
+from spatialoc_ros.models.convert_pointnet import SEED_POINTNET_NAME, PointNetFileError, describe_pointnet_file
+
 FEATURES = ("class", "color", "position", "num")
-DEVICES = ("auto", "cpu", "cuda")
+COLOUR_DROPOUT_DEFAULT = 0.3
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +38,20 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         "north/south swapped in the text, point jitter)",
     )
     g.add_argument(
-        "--jitter", type=float, default=0.005,
+        "--jitter", type=finite_float, default=0.005,
         help="std of the Gaussian point jitter in cell units when augmenting (0.005 = 15 cm in 30 m cells)",
+    )
+    g.add_argument(
+        "--hint_dropout_min", type=int, default=3, metavar="K",
+        help="when augmenting, keep only k of a query's n hints (the first k after the shuffle), k uniform "
+        "in [K, n], so that the 3-4 hints people give degrade gracefully; 1..6, default 3; 6 (the "
+        "data set's n) keeps all hints. Validation always sees all hints",
+    )
+    g.add_argument(
+        "--colour_dropout", type=finite_float, default=COLOUR_DROPOUT_DEFAULT, metavar="P",
+        help="when augmenting, probability that a kept hint loses its colour word and reads 'The pose is "
+        "north of a building.', exactly as the instruction parser renders a hint given without colour; "
+        f"in [0, 1], 0 = off, default {COLOUR_DROPOUT_DEFAULT:g}",
     )
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument(
@@ -75,8 +92,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--pointnet_path", type=str, default=None,
-        help="optional state_dict (weights_only torch file) to initialise the PointNet of the "
-        "object encoder; the seed's pickled model file is not accepted",
+        help="PointNet weights to start the object encoder from: the release's backbone "
+        f"{SEED_POINTNET_NAME} (read without running anything it names), its converted form "
+        "(python -m spatialoc_ros.models.convert_pointnet IN OUT), or a state_dict of this project's "
+        f"PointNet. Default: <checkpoint_root>/{SEED_POINTNET_NAME} if that file exists (the seed's "
+        "place), else none; 'none' trains the PointNet from scratch. The file decides the PointNet's "
+        "shape (the release's PointNet++ or this project's) and, unless --pointnet_dim is given, its width",
     )
 
 
@@ -84,21 +105,21 @@ def add_optim_args(parser: argparse.ArgumentParser, lr: float, epochs: int, batc
     g = parser.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=batch_size, help="queries per batch")
     g.add_argument("--epochs", type=int, default=epochs, help="training epochs")
-    g.add_argument("--learning_rate", type=float, default=lr, help="Adam learning rate")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (0 = Adam)")
+    g.add_argument("--learning_rate", type=finite_float, default=lr, help="Adam learning rate")
+    g.add_argument("--weight_decay", type=finite_float, default=0.0, help="AdamW weight decay (0 = Adam)")
     g.add_argument(
         "--lr_scheduler", type=str, default="step", choices=("step", "exponential", "cosine", "none"),
         help="step: multiply by --lr_gamma every --lr_step epochs; exponential: by --lr_gamma every "
         "epoch; cosine: cosine decay to 0 over --epochs",
     )
     g.add_argument("--lr_step", type=int, default=5, help="epochs between steps of the step schedule")
-    g.add_argument("--lr_gamma", type=float, default=0.5, help="learning-rate decay factor")
-    g.add_argument("--grad_clip", type=float, default=5.0, help="max gradient norm (0 = no clipping)")
+    g.add_argument("--lr_gamma", type=finite_float, default=0.5, help="learning-rate decay factor")
+    g.add_argument("--grad_clip", type=finite_float, default=5.0, help="max gradient norm (0 = no clipping)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime")
-    g.add_argument("--device", type=str, default="auto", choices=DEVICES,
+    g.add_argument("--device", type=device_name, default="auto", metavar="{auto,cpu,cuda,cuda:N}",
                    help="auto = CUDA when available, else CPU")
     g.add_argument("--seed", type=int, default=0, help="random seed (python, numpy, torch)")
     g.add_argument("--threads", type=int, default=None,
@@ -123,16 +144,56 @@ def check_common(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.batch_size < 2 and getattr(args, "stage", "") == "coarse":
         parser.error("--batch_size must be >= 2 for the ranking loss (in-batch negatives)")
-    if args.learning_rate <= 0:
-        parser.error(f"--learning_rate must be > 0, got {args.learning_rate}")
+    from spatialoc_ros.cli import check_number, check_output_dir
+
+    check_number(parser, "--learning_rate", args.learning_rate, low=0, low_open=True)
+    check_number(parser, "--weight_decay", args.weight_decay, low=0)
+    check_number(parser, "--lr_gamma", args.lr_gamma, low=0, low_open=True)
+    check_number(parser, "--lr_step", args.lr_step, low=1)
+    check_number(parser, "--grad_clip", args.grad_clip, low=0)
+    check_number(parser, "--seed", args.seed, low=0, high=2**32 - 1)
+    check_number(parser, "--threads", args.threads, low=1)
+    check_number(parser, "--num_workers", args.num_workers, low=0)
+    for flag, low, high in getattr(args, "stage_ranges", ()):
+        check_number(parser, flag, getattr(args, flag.lstrip("-")), low=low, high=high)
     if args.max_batches is not None and args.max_batches < 1:
         parser.error("--max_batches must be >= 1")
     if args.base_path is not None and not os.path.isdir(args.base_path):
         parser.error(f"--base_path {args.base_path} is not a folder")
     if args.resume is not None and not os.path.isfile(args.resume):
         parser.error(f"--resume {args.resume}: no such file")
-    if args.pointnet_path is not None and not os.path.isfile(args.pointnet_path):
-        parser.error(f"--pointnet_path {args.pointnet_path}: no such file")
-    if args.jitter < 0:
-        parser.error("--jitter must be >= 0")
+    resolve_pointnet(args, parser)
+    check_number(parser, "--jitter", args.jitter, low=0)
+    if not 1 <= args.hint_dropout_min <= 6:
+        parser.error(f"--hint_dropout_min must be in 1..6 (6 = keep all hints), got {args.hint_dropout_min}")
+    check_number(parser, "--colour_dropout", args.colour_dropout, low=0, high=1)
+    check_output_dir(parser, "--checkpoint_root/--folder_name", os.path.join(args.checkpoint_root, args.folder_name))
     args.use_features = list(dict.fromkeys(args.use_features))
+
+
+def resolve_pointnet(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Settle --pointnet_path (the seed's default place, 'none') and adopt the file's width as
+    --pointnet_dim when that flag was left at its default; exits via parser.error."""
+    if args.pointnet_path is None:
+        seed_path = os.path.join(args.checkpoint_root, SEED_POINTNET_NAME)
+        if args.resume is None and os.path.isfile(seed_path):
+            args.pointnet_path = seed_path
+    elif args.pointnet_path.lower() == "none":
+        args.pointnet_path = None
+    if args.pointnet_path is None:
+        return
+    if not os.path.isfile(args.pointnet_path):
+        parser.error(f"--pointnet_path {args.pointnet_path}: no such file")
+    if args.resume is not None:  # a resumed run's model comes from its checkpoint
+        return
+    try:
+        info = describe_pointnet_file(args.pointnet_path)
+    except (PointNetFileError, OSError) as err:
+        parser.error(f"--pointnet_path {args.pointnet_path}: {err}")
+    if hasattr(args, "pointnet_dim") and args.pointnet_dim != info.out_dim:
+        if args.pointnet_dim != parser.get_default("pointnet_dim"):
+            parser.error(f"--pointnet_dim {args.pointnet_dim} does not fit --pointnet_path {args.pointnet_path}, "
+                         f"a {info.out_dim}-d PointNet: drop --pointnet_dim or pass {info.out_dim}")
+        args.pointnet_dim = info.out_dim
+    print(f"[train] PointNet backbone: {args.pointnet_path} ({info.arch}, pointnet_dim {info.out_dim}; "
+          "--pointnet_path none trains the PointNet from scratch)")

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from spatialoc_ros.cli import finite_float
 from spatialoc_ros.data.loading import load_split, query_text
 from spatialoc_ros.evaluation.metrics import coarse_recall
 from spatialoc_ros.inference import Localizer
@@ -51,18 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ablation: no Bezier Enhanced Object Spatial Encoder (drops the relation level)")
     g.add_argument("--no_fae", action="store_true",
                    help="ablation: no Frequency Aware Encoder (global descriptor = MLP of mean and max pooling)")
-    g.add_argument("--fae_highpass_ratio", type=float, default=0.7, help="FAE: share of low frequency bins zeroed")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout in MLPs and transformer layers")
+    g.add_argument("--fae_highpass_ratio", type=finite_float, default=0.7, help="FAE: share of low frequency bins zeroed")
+    g.add_argument("--dropout", type=finite_float, default=0.1, help="dropout in MLPs and transformer layers")
     g = parser.add_argument_group("ranking loss")
     g.add_argument("--ranking_loss", type=str, default="CCL", choices=("CCL", "contrastive"),
                    help="CCL: complementary contrastive loss; contrastive: symmetric InfoNCE")
-    g.add_argument("--temperature", type=float, default=0.05, help="softmax temperature of the ranking loss")
-    g.add_argument("--alpha", type=float, default=2.0, help="CCL weight exponent 1/alpha")
-    g.add_argument("--level_weights", type=float, nargs=3, default=[1.0, 1.0, 1.0],
+    g.add_argument("--temperature", type=finite_float, default=0.05, help="softmax temperature of the ranking loss")
+    g.add_argument("--alpha", type=finite_float, default=2.0, help="CCL weight exponent 1/alpha")
+    g.add_argument("--level_weights", type=finite_float, nargs=3, default=[1.0, 1.0, 1.0],
                    metavar=("GLOBAL", "OBJECT", "RELATION"),
                    help="weights of the per-level ranking losses (the relation level exists with BEOSE only)")
     g.add_argument("--top_k", type=int, nargs="+", default=[1, 3, 5], help="k of the validation recall@k")
-    parser.set_defaults(stage="coarse")
+    # (flag, low, high) checked by check_common (NaN is refused at parse time by finite_float)
+    parser.set_defaults(stage="coarse", stage_ranges=(
+        ("--temperature", 1e-6, None), ("--alpha", 1e-6, None), ("--dropout", 0.0, 0.99),
+        ("--fae_highpass_ratio", 0.0, 0.99), ("--level_weights", 0.0, None),
+    ))
     return parser
 
 
@@ -132,6 +137,14 @@ def validate(model, cfg, hint_encoder, data, device, ks: Sequence[int], max_quer
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI; a user error is one line on stderr and exit code 2."""
+    from spatialoc_ros.cli import user_errors
+
+    with user_errors("python -m spatialoc_ros.training.coarse"):
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     targs.check_common(args, parser)
@@ -164,7 +177,8 @@ def train(args: argparse.Namespace) -> int:
 
     train_data = load_split(base_path, "train", with_direction=False)
     val_data = load_split(base_path, "val", with_direction=False)
-    dataset = QueryDataset(train_data, augment=not args.no_pc_augment, seed=args.seed)
+    dataset = QueryDataset(train_data, augment=not args.no_pc_augment, seed=args.seed,
+                           hint_dropout_min=args.hint_dropout_min, colour_dropout=args.colour_dropout)
     sampler = UniqueCellBatchSampler(dataset.cell_ids, args.batch_size, shuffle=args.shuffle, seed=args.seed)
     collate = CellCollator(args.max_objects if not args.resume else cfg.max_objects,
                            args.num_points if not args.resume else cfg.num_points,

@@ -7,6 +7,14 @@ fine targets. Text is encoded later, in the training loop, by the (cached) ``Hin
 Augmentation (training only, unless ``--no_pc_augment``):
 
 * the order of the hints is shuffled;
+* hint dropout (``--hint_dropout_min K``): only the first k of the shuffled hints are kept, k drawn
+  uniformly from [K, n] (n hints in the query; K >= n keeps all), so the model also learns from the
+  3-4 hints people type;
+* colour dropout (``--colour_dropout P``): each kept hint loses its colour word with probability P
+  and reads ``The pose is {direction} of a {label}.``, rendered by
+  :func:`spatialoc_ros.language.parser.render_hint` exactly as the instruction parser renders a hint
+  whose colour the user left out (a hint whose direction or class the parser does not know keeps its
+  colour);
 * the cell is mirrored horizontally (x -> 1 - x, 'east' <-> 'west' in every hint), vertically
   (y -> 1 - y, 'north' <-> 'south'), both, or left as it is, each with probability 1/4; a
   flipped sentence is just another sentence for the text cache;
@@ -33,6 +41,7 @@ from torch.utils.data import Dataset, Sampler
 
 from spatialoc_ros.data.kitti360pose import Cell, Pose, direction_of
 from spatialoc_ros.data.loading import SceneData, hint_texts
+from spatialoc_ros.language.parser import Hint, render_hint
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +70,15 @@ def flip_position(pos: np.ndarray, flip: Optional[str]) -> np.ndarray:
     return out
 
 
+def colourless_hint(direction: str, label: str) -> Optional[str]:
+    """The hint sentence without a colour, as the instruction parser renders it ('The pose is north
+    of a building.'); None when ``direction`` or ``label`` is outside the parser's vocabulary."""
+    try:
+        return render_hint(Hint(direction, None, label))
+    except ValueError:
+        return None
+
+
 def position_in_cell(pose: Pose, cell: Cell) -> np.ndarray:
     """x-y of ``pose`` normalised in ``cell``: (pose_w - bbox_w[0:2]) / cell_size."""
     bbox = np.asarray(cell.bbox_w, dtype=np.float64)
@@ -76,6 +94,9 @@ class QuerySample:
     flip: Optional[str]
     target: np.ndarray  # (2,) position normalised in ``cell`` (flip applied)
     cloned: bool = False
+    #: index into ``pose.descriptions`` of each hint in ``hints`` (same order): the alignment any
+    #: per-hint target must follow after shuffling and hint dropout
+    hint_ids: Optional[list[int]] = None
 
     @property
     def cell_key(self) -> str:
@@ -88,10 +109,13 @@ class QueryDataset(Dataset):
 
     Args:
         data: the loaded split.
-        augment: shuffle hints and flip cells (see module docstring).
+        augment: shuffle hints and flip cells, and apply hint / colour dropout (see module docstring).
         pmc_prob: probability of prototype-based map cloning (0 disables it).
         max_missing: described instances allowed to be missing in a cloned cell.
         seed: seed of this dataset's random generator (re-seeded per DataLoader worker).
+        hint_dropout_min: when augmenting, keep k hints, k uniform in [hint_dropout_min, n]
+            (None, or >= n, keeps all n).
+        colour_dropout: when augmenting, probability that a kept hint loses its colour word.
     """
 
     def __init__(
@@ -101,11 +125,21 @@ class QueryDataset(Dataset):
         pmc_prob: float = 0.0,
         max_missing: int = 1,
         seed: int = 0,
+        hint_dropout_min: Optional[int] = None,
+        colour_dropout: float = 0.0,
     ) -> None:
         if not data.poses:
             raise ValueError(f"no queries in scenes {', '.join(data.scenes)}")
         if not 0.0 <= pmc_prob <= 1.0:
             raise ValueError(f"pmc_prob must be in [0, 1], got {pmc_prob}")
+        if hint_dropout_min is not None and (isinstance(hint_dropout_min, bool)
+                                             or not isinstance(hint_dropout_min, (int, np.integer))
+                                             or hint_dropout_min < 1):
+            raise ValueError(f"hint_dropout_min must be an integer >= 1 or None, got {hint_dropout_min!r}")
+        if not 0.0 <= colour_dropout <= 1.0:
+            raise ValueError(f"colour_dropout must be in [0, 1], got {colour_dropout}")
+        self.hint_dropout_min = None if hint_dropout_min is None else int(hint_dropout_min)
+        self.colour_dropout = float(colour_dropout)
         self.data = data
         self.augment = augment
         self.max_missing = max_missing
@@ -119,6 +153,9 @@ class QueryDataset(Dataset):
             )
             self.pmc_prob = 0.0
         self.hints = [hint_texts(p) for p in data.poses]
+        # the same hints without their colour word (None: the parser cannot say it, keep the colour)
+        self.colourless = [[colourless_hint(d.direction, d.object_label) for d in p.descriptions]
+                           for p in data.poses] if self.colour_dropout > 0 else None
 
     def __len__(self) -> int:
         return len(self.data.poses)
@@ -180,14 +217,24 @@ class QueryDataset(Dataset):
                 pick = int(self.rng.choice(len(cands), p=w / w.sum()))
                 cell = self.data.cells_dict[cands[pick][0]]
                 cloned = True
-        hints = list(self.hints[idx])
+        full = self.hints[idx]
+        ids = list(range(len(full)))
+        hints = list(full)
         flip: Optional[str] = None
         if self.augment:
-            hints = [hints[i] for i in self.rng.permutation(len(hints))]
+            ids = [int(i) for i in self.rng.permutation(len(full))]
+            n = len(ids)
+            if self.hint_dropout_min is not None and self.hint_dropout_min < n:
+                ids = ids[:int(self.rng.integers(self.hint_dropout_min, n + 1))]
+            hints = [full[i] for i in ids]
+            if self.colour_dropout > 0:
+                plain = self.colourless[idx]
+                drop = self.rng.random(len(ids)) < self.colour_dropout
+                hints = [plain[i] if (d and plain[i] is not None) else h for i, d, h in zip(ids, drop, hints)]
             flip = FLIPS[int(self.rng.integers(len(FLIPS)))]
             hints = [flip_hint(h, flip) for h in hints]
         target = flip_position(position_in_cell(pose, cell), flip)
-        return QuerySample(hints, cell, flip, target, cloned)
+        return QuerySample(hints, cell, flip, target, cloned, hint_ids=ids)
 
 
 @dataclass

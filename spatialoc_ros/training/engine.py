@@ -158,15 +158,21 @@ def save_last(path: str, model, cfg, kind: str, extra: dict, optimizer, schedule
 def load_resume(path: str, kind: str, device: torch.device):
     """(model, cfg, extra, state) of a last.pth; ``state`` is None when last.state.pth is missing
     (then training resumes with a fresh optimiser, with a warning)."""
-    from spatialoc_ros.models.checkpoint import load_checkpoint
+    from spatialoc_ros.models.checkpoint import CheckpointError, load_checkpoint
 
     model, cfg, extra = load_checkpoint(path, kind, device)
     if "epoch" not in extra or "best_metric" not in extra:
-        raise ValueError(f"{path} holds no training progress (is it a best.pth?); resume from a last.pth")
+        raise CheckpointError(f"{path} holds no training progress (is it a best.pth?); resume from a last.pth")
     state = None
     spath = state_path(path)
     if os.path.isfile(spath):
-        state = torch.load(spath, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(spath, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a damaged file raises many types; all mean "unreadable"
+            raise CheckpointError(f"{spath} cannot be read ({type(err).__name__}); delete it to resume "
+                                  "with a fresh optimiser") from err
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{spath} does not hold a training state; delete it to resume with a fresh optimiser")
         if int(state.get("epoch", -1)) != int(extra["epoch"]):
             print(f"[train] WARNING: {spath} belongs to epoch {state.get('epoch')}, {path} to epoch "
                   f"{extra['epoch']}; starting a fresh optimiser", file=sys.stderr)

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from spatialoc_ros.cli import finite_float
 from spatialoc_ros.data.loading import load_split, query_text
 from spatialoc_ros.evaluation.metrics import calibration_summary, mahalanobis_sq
 from spatialoc_ros.inference import Localizer
@@ -54,20 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pointnet_dim", type=int, default=128, help="width of the PointNet feature")
     g.add_argument("--mean_head", type=str, default="anchor", choices=("anchor", "direct"),
                    help="anchor: hints attend to object centres plus learned offsets; direct: MLP")
-    g.add_argument("--min_std", type=float, default=0.005, help="floor on the predicted std, cell units")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout in MLPs and attention layers")
+    g.add_argument("--min_std", type=finite_float, default=0.005, help="floor on the predicted std, cell units")
+    g.add_argument("--dropout", type=finite_float, default=0.1, help="dropout in MLPs and attention layers")
     g.add_argument("--regressor_cell", type=str, default="all", choices=("all",),
                    help="regression target: 'all' = the position normalised to the whole cell box")
     g = parser.add_argument_group("fine loss and map cloning")
     g.add_argument("--fine_loss", type=str, default="nll", choices=("nll", "mse"),
                    help="nll: Gaussian negative log-likelihood (UGFL); mse: mean only (ablation)")
-    g.add_argument("--beta", type=float, default=0.0,
+    g.add_argument("--beta", type=finite_float, default=0.0,
                    help="beta-NLL exponent: each sample's NLL is weighted by stop_grad(det Sigma)^(beta/2) (0 = NLL)")
-    g.add_argument("--matching_weight", type=float, default=0.0,
+    g.add_argument("--matching_weight", type=finite_float, default=0.0,
                    help="weight of the anchor head's hint->object matching ranking loss (in-batch cells "
                    "as negatives; ignored by --mean_head direct). Default 0 (off): on the synthetic "
                    "default city 0.2 gave a val mean error of 3.8 m against 3.1 m without it")
-    g.add_argument("--pmc_prob", type=float, default=0.0,
+    g.add_argument("--pmc_prob", type=finite_float, default=0.0,
                    help="probability of prototype-based map cloning (swap the cell for a neighbour "
                    "from direction/<scene>.json)")
     g.add_argument("--pmc_max_missing", type=int, default=1,
@@ -77,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibrate_sigma", type=str, default="none", choices=("none", "val"),
                    help="val: fit one scalar on Sigma by maximum likelihood on the val split after "
                    "training and store it in best.pth")
-    parser.set_defaults(stage="fine")
+    # (flag, low, high) checked by check_common (NaN is refused at parse time by finite_float)
+    parser.set_defaults(stage="fine", stage_ranges=(
+        ("--min_std", 1e-6, 1.0), ("--dropout", 0.0, 0.99), ("--beta", 0.0, 1.0),
+        ("--matching_weight", 0.0, None), ("--pmc_prob", 0.0, 1.0),
+    ))
     return parser
 
 
@@ -141,6 +146,14 @@ def val_metrics(mean, cov, true) -> dict[str, float]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI; a user error is one line on stderr and exit code 2."""
+    from spatialoc_ros.cli import user_errors
+
+    with user_errors("python -m spatialoc_ros.training.fine"):
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     targs.check_common(args, parser)
@@ -181,7 +194,8 @@ def train(args: argparse.Namespace) -> int:
     train_data = load_split(base_path, "train", with_direction=args.pmc_prob > 0)
     val_data = load_split(base_path, "val", with_direction=False)
     dataset = QueryDataset(train_data, augment=not args.no_pc_augment, pmc_prob=args.pmc_prob,
-                           max_missing=args.pmc_max_missing, seed=args.seed)
+                           max_missing=args.pmc_max_missing, seed=args.seed,
+                           hint_dropout_min=args.hint_dropout_min, colour_dropout=args.colour_dropout)
     collate = CellCollator(cfg.max_objects, cfg.num_points, random_points=not args.no_pc_augment,
                            jitter=0.0 if args.no_pc_augment else args.jitter, seed=args.seed)
     # Distinct cells per batch: the matching loss takes the other cells of a batch as negatives.
