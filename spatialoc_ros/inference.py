@@ -3,9 +3,11 @@ CLIs, the benchmarks and the ROS node.
 
 Pipeline of :meth:`Localizer.localize`:
 
-1. **Text.** The query is split into hint sentences (at most :data:`MAX_HINTS`, each cut to the
-   language model's ``max_tokens``), encoded by the frozen language model (cached per sentence
-   when ``fixed_embedding``) and by the coarse model's text side.
+1. **Text.** The query (free text, see :mod:`spatialoc_ros.language`) is read into hints
+   (direction, colour or none, class) and each hint rendered as the sentence the models were
+   trained on, ``The pose is north of a gray building.`` (at most :data:`MAX_HINTS`; fewer than
+   ``min_hints`` is an :class:`InstructionRefused`). The sentences are encoded by the frozen
+   language model (cached per sentence when ``fixed_embedding``) and the coarse model's text side.
 2. **Retrieval.** Every map cell was embedded once by :meth:`Localizer.set_map`. A query is scored
    against all cells at every level (global, object, relation) and the levels are combined with
    the model's rule (z-score over the cells, then sum). Maps larger than ``preselect_above`` cells
@@ -36,13 +38,16 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from spatialoc_ros.data.kitti360pose import Cell
+
+if TYPE_CHECKING:
+    from spatialoc_ros.language import Hint, ParsedInstruction
 
 _log = logging.getLogger(__name__)
 
@@ -53,6 +58,8 @@ class NonFiniteOutputError(RuntimeError):
 
 #: Hint sentences kept per query (the data set uses 6; longer texts are cut, not refused).
 MAX_HINTS = 12
+#: Fewer usable hints than this and an instruction is refused (one hint fixes next to nothing).
+MIN_HINTS = 2
 #: Floor on the eigenvalues of a published covariance (m^2).
 MIN_VARIANCE_M2 = 1e-4
 #: Default size of the global-descriptor pre-selection, and the map size from which it is used.
@@ -93,24 +100,52 @@ def resolve_device(name: str) -> tuple[torch.device, Optional[str]]:
     raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda' (or 'cuda:N')")
 
 
-def parse_query(text: str, max_hints: int = MAX_HINTS) -> list[str]:
-    """Split a query text into hint sentences; raise ValueError when there is nothing to use."""
-    from spatialoc_ros.models.text_encoder import split_hints
+class InstructionRefused(ValueError):
+    """An instruction the localizer will not answer; the message names what was understood and
+    what was missing (e.g. 'understood 1 hint (north of a gray building) but at least 2 are
+    needed; ...')."""
 
-    if not isinstance(text, str):
-        raise ValueError(f"the query must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise ValueError(
-            "the query text is empty; describe the position with hint sentences such as "
-            "'The pose is west of a gray building.'"
-        )
-    hints = [h for h in split_hints(text) if any(ch.isalnum() for ch in h)]
-    if not hints:
-        raise ValueError(
-            f"the query text {text[:80]!r} holds no hint sentence (no words); describe the position "
-            "with sentences such as 'The pose is west of a gray building.'"
-        )
-    return hints[:max_hints]
+
+Query = Union[str, "ParsedInstruction", Sequence["Hint"]]
+
+
+def understand(query: Query, min_hints: int = MIN_HINTS, heading_yaw: Optional[float] = None) -> "ParsedInstruction":
+    """What a query says, in the data set's vocabulary (:mod:`spatialoc_ros.language`).
+
+    ``query`` is free text (parsed), an already parsed instruction, or a sequence of
+    :class:`~spatialoc_ros.language.Hint` (structured input from a speech or LLM front-end). Raises
+    :class:`InstructionRefused` when fewer than ``min_hints`` hints are usable; at most
+    :data:`MAX_HINTS` are kept.
+    """
+    from spatialoc_ros.language import Hint, ParsedInstruction, check_hints, parse_instruction
+
+    if isinstance(query, ParsedInstruction):
+        parsed = query
+    elif isinstance(query, str):
+        if not query.strip():
+            raise InstructionRefused(
+                "the instruction is empty; describe the position, e.g. 'a gray building is east of me, "
+                "I am north of a green pole'"
+            )
+        parsed = parse_instruction(query, heading_yaw=heading_yaw)
+    elif isinstance(query, (list, tuple)) and all(isinstance(h, Hint) for h in query):
+        parsed = ParsedInstruction(tuple(query))
+    else:
+        raise InstructionRefused(f"a query must be a string (free text), a ParsedInstruction or a list of Hint, got {type(query).__name__}")
+    why = check_hints(parsed, max(int(min_hints), 1))
+    if why is not None:
+        raise InstructionRefused(why)
+    if len(parsed.hints) > MAX_HINTS:
+        parsed = dataclasses.replace(parsed, hints=parsed.hints[:MAX_HINTS])
+    return parsed
+
+
+def parse_query(query: Query, min_hints: int = MIN_HINTS) -> list[str]:
+    """The hint sentences the models read for ``query`` (see :func:`understand`): the canonical
+    'The pose is north of a gray building.' of each hint understood."""
+    from spatialoc_ros.language import render_hints
+
+    return render_hints(understand(query, min_hints).hints)
 
 
 @dataclass(frozen=True)
@@ -203,6 +238,7 @@ class Localizer:
         preselect_top: int = PRESELECT_TOP,
         preselect_above: int = PRESELECT_ABOVE,
         text_encoders: Optional[dict] = None,
+        min_hints: int = MIN_HINTS,
     ) -> None:
         if coarse_model is None and fine_model is None:
             raise ValueError("a Localizer needs a coarse model, a fine model or both")
@@ -223,6 +259,9 @@ class Localizer:
         #: Non-finite model outputs seen so far, by kind ('cell_embedding', 'score', 'hypothesis').
         self.nonfinite: collections.Counter = collections.Counter()
         self.batch_size = int(batch_size)
+        if int(min_hints) < 1:
+            raise ValueError(f"min_hints must be >= 1, got {min_hints}")
+        self.min_hints = int(min_hints)
         self.preselect_top = int(preselect_top)
         self.preselect_above = int(preselect_above)
         self.max_tokens = int(max_tokens)
@@ -342,7 +381,8 @@ class Localizer:
                 _log.error("%d of %d cells have a non-finite embedding and are left out of the map (e.g. %s)",
                            len(bad), len(cells), cells[bad[0]].id)
                 if len(bad) == len(cells):
-                    raise NonFiniteOutputError(f"no cell of the {len(cells)} has a finite embedding; is the model damaged?")
+                    raise NonFiniteOutputError(
+                        f"no cell of the {len(cells)} has a finite embedding (cell data out of range, or a damaged model)")
                 keep = finite.nonzero().reshape(-1)
                 index = _take(index, keep)
                 cells = [cells[i] for i in keep.tolist()]
@@ -473,19 +513,26 @@ class Localizer:
         return out
 
     # --- public API --------------------------------------------------------------------------------
-    def localize(self, text: str, top_k: int = 5) -> list[Hypothesis]:
-        """The top_k hypotheses for one query text, best first (see the module docstring)."""
-        return self.localize_many([text], top_k)[0]
+    def understand(self, query: Query) -> "ParsedInstruction":
+        """What ``query`` says (hints, unread fragments), or InstructionRefused with the reason; the
+        same reading :meth:`localize` uses. Pure and thread-safe (no model is run)."""
+        return understand(query, self.min_hints)
+
+    def localize(self, query: Query, top_k: int = 5) -> list[Hypothesis]:
+        """The top_k hypotheses for one query, best first (see the module docstring). ``query``:
+        free text ("I'm on the sidewalk, a gray building is east of me ..."), a ParsedInstruction or
+        a list of Hint; InstructionRefused (a ValueError) when it holds fewer than min_hints hints."""
+        return self.localize_many([query], top_k)[0]
 
     @torch.no_grad()
-    def localize_many(self, texts: Sequence[str], top_k: int = 5, progress: bool = False) -> list[list[Hypothesis]]:
+    def localize_many(self, texts: Sequence[Query], top_k: int = 5, progress: bool = False) -> list[list[Hypothesis]]:
         """:meth:`localize` for many texts, batched; ``timings`` sums the whole call."""
         self._require_map()
         if self.coarse is None:
             raise ValueError("this Localizer has no coarse model: use predict_in_cells")
         if int(top_k) < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        hints = [parse_query(t) for t in texts]
+        hints = [parse_query(t, self.min_hints) for t in texts]
         timings = {"text_ms": 0.0, "retrieval_ms": 0.0, "fine_ms": 0.0}
         results: list[list[Hypothesis]] = []
         bs = max(self.batch_size, 1)
@@ -517,7 +564,7 @@ class Localizer:
         self._require_map()
         if self.coarse is None:
             raise ValueError("this Localizer has no coarse model")
-        hints = [parse_query(t) for t in texts]
+        hints = [parse_query(t, self.min_hints) for t in texts]
         out = []
         bs = max(self.batch_size, 1)
         for start in tqdm(range(0, len(hints), bs), desc="retrieving", disable=not progress, unit="batch"):
@@ -534,7 +581,7 @@ class Localizer:
         unknown = [c for c in cell_ids if c not in self._id_to_index]
         if unknown:
             raise ValueError(f"cell {unknown[0]!r} is not in the map")
-        hints = [parse_query(t) for t in texts]
+        hints = [parse_query(t, self.min_hints) for t in texts]
         out: list[Hypothesis] = []
         bs = max(self.batch_size, 1) * 4
         for start in tqdm(range(0, len(hints), bs), desc="fine in given cells", disable=not progress, unit="batch"):

@@ -533,3 +533,18 @@ def test_seed_training_command_starts_from_the_backbone(seed_layout, release, st
         # one Adam step moves a weight by at most about the learning rate; a fresh init is far away
         assert (trained[ours] - start).abs().max() <= 2 * lr, ours
         assert (fresh[ours] - start).abs().max() > 0.05, ours
+
+
+def test_pointnet_arch_flag_trains_the_release_shape_from_scratch(small_city, tmp_path):
+    from spatialoc_ros.models.builder import build_coarse_model
+    from spatialoc_ros.models.object_encoder import PointNet2
+    from spatialoc_ros.training import args as targs
+    from spatialoc_ros.training.coarse import build_parser, config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["--base_path", small_city, "--pointnet_arch", "pointnet2", "--pointnet_path", "none",
+                              "--checkpoint_root", str(tmp_path)])
+    targs.check_common(args, parser)
+    cfg = config_from_args(args, 384)
+    assert cfg.pointnet_arch == "pointnet2" and cfg.pointnet_path is None
+    assert isinstance(build_coarse_model(cfg, 384).object_encoder.pointnet, PointNet2)

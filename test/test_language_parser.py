@@ -402,3 +402,20 @@ def test_no_list_across_sentences_or_without_a_shared_direction(text):
 @pytest.mark.parametrize("text", ["I'm in the middle of the road", "I am in a parking lot", "inside a grey building"])
 def test_in_is_on_top(text):
     assert one(text).direction == "on-top"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("a light gray box is also east of me", [("west", "bright-gray", "box")]),
+    ("a dark green bin and a street lamp are also to my east",
+     [("west", "dark-green", "trash bin"), ("west", None, "lamp")]),
+    ("I am north of a gray building also south of a green pole",
+     [("north", "gray", "building"), ("south", "green", "pole")]),
+])
+def test_also_after_a_verb_is_an_adverb_not_a_clause_boundary(text, expected):
+    assert [(h.direction, h.colour, h.label) for h in parse_instruction(text).hints] == expected
+
+
+@pytest.mark.parametrize("text", ["The pose is south of my gray pole.", "I am south of my gray pole.",
+                                  "The robot is south of our gray pole."])
+def test_a_possessive_before_the_object_keeps_the_direction(text):
+    assert [(h.direction, h.colour, h.label) for h in parse_instruction(text).hints] == [("south", "gray", "pole")]

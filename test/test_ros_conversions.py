@@ -217,10 +217,9 @@ def test_map_markers_are_bounded():
         ("", "empty"),
         ("  \n\t ", "whitespace-only"),
         ("x" * 1_000_000, "too long"),
-        ("Ünïcødé ☃ 建物の北", "names no known"),
-        ("asdf qwerty zzz 12345", "names no known"),
+        ("\x00\x01\x02", "whitespace-only"),
     ],
-    ids=["empty", "whitespace_only", "one_megabyte", "non_ascii", "nonsense"],
+    ids=["empty", "whitespace_only", "one_megabyte", "control_characters"],
 )
 def test_bad_instructions_are_refused(text, reason):
     check = check_instruction(text, max_chars=2000)
@@ -231,7 +230,22 @@ def test_bad_instructions_are_refused(text, reason):
 def test_good_instruction_is_normalised():
     check = check_instruction("  The pose is north of a\tgray  building.\n", 2000)
     assert check.ok and check.text == "The pose is north of a gray building."
-    assert check_instruction("Die Pose ist nördlich eines gray building.", 2000).ok  # non-ASCII allowed
+    assert check_instruction("Die Pose ist nördlich eines gray building.", 2000).ok  # read (and refused) later
+
+
+def test_hints_to_messages_and_back():
+    from spatialoc_ros.language import Hint
+    from spatialoc_ros.msg import Hint as HintMsg
+
+    hints = [Hint("north", "gray", "building"), Hint("on-top", None, "traffic light")]
+    msgs = [conv.hint_to_msg(h) for h in hints]
+    assert msgs[1].colour == "" and msgs[1].label == "traffic light"
+    back, problems = conv.msg_to_hints(msgs + [HintMsg(direction="North", colour="GREY", label="trash_bin"),
+                                               HintMsg(direction="up", colour="", label="building"),
+                                               HintMsg(direction="east", colour="pink", label="building"),
+                                               HintMsg(direction="east", colour="", label="spaceship")])
+    assert back == hints + [Hint("north", "gray", "trash bin")]
+    assert [f.split(" ")[1] for f, _ in problems] == ["3", "4", "5"] and all(r for _, r in problems)
 
 
 # --------------------------------------------------------------------------- node parameters

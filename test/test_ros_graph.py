@@ -137,6 +137,9 @@ BAD_INSTRUCTIONS = {
     "one_megabyte": "The pose is north of a gray building. " * 27000,  # ~1 MB
     "non_ascii": "Ünïcødé ☃ 建物の北にいます",
     "nonsense": "asdf qwerty zxcv 12345 !!",
+    "direction_alone": "north",
+    "one_hint": "The pose is north of a gray building.",
+    "colorless_green_ideas": "colorless green ideas sleep furiously",
 }
 
 
@@ -162,12 +165,48 @@ def test_bad_instruction_is_refused_and_the_next_one_answered(graph, case):
     assert graph.localizer.alive()
 
 
-def test_non_ascii_instruction_with_known_words_is_answered(graph):
-    text = "Die Pose ist nördlich eines gray building — südlich einer green vegetation."
+def test_non_ascii_free_text_is_answered(graph):
+    text = "I’m just north of a gray building 🙂 — and east of a dark-green vegetation."
     graph.probe.send(text)
     answer = graph.probe.answer_to(text, timeout_s=60)
     assert answer is not None
     _assert_finite_answer(*answer[:3])
+
+
+def test_free_form_instruction_is_answered_with_what_was_understood(graph):
+    """A free-form text and the same hints as a Hint[] message give the template's answer, and
+    every answer echoes the hints understood and the fragments that were not read."""
+    from spatialoc_ros.msg import Hint, InstructionHints
+
+    probe = graph.probe
+    template = ("The pose is west of a gray building. The pose is on-top of a gray sidewalk. "
+                "The pose is south of a green pole.")
+    free = "a building is ... no: a gray house is to my east, I'm standing on the grey pavement, a green pole just north of me; the sky is blue"
+    probe.send(template)
+    want = probe.answer_to(template, timeout_s=60)
+    probe.send(free)
+    got = probe.answer_to(free, timeout_s=60)
+    assert want is not None and got is not None
+    detail = got[0]
+    assert [(h.direction, h.colour, h.label) for h in detail.understood] == [
+        ("west", "gray", "building"), ("on-top", "gray", "sidewalk"), ("south", "green", "pole")]
+    assert any("sky" in u for u in detail.unread), detail.unread
+    assert "3 hints" in detail.interpretation
+    assert [h.cell_id for h in detail.hypotheses] == [h.cell_id for h in want[0].hypotheses]
+
+    hints_pub = probe.node.create_publisher(InstructionHints, "instruction_hints", 10)
+    assert probe.spin_until(lambda: hints_pub.get_subscription_count() > 0, 20)
+    msg = InstructionHints(hints=[Hint(direction="west", colour="gray", label="building"),
+                                  Hint(direction="on-top", colour="gray", label="sidewalk"),
+                                  Hint(direction="sideways", colour="", label="building"),
+                                  Hint(direction="south", colour="green", label="pole")])
+    n = len(probe.details)
+    hints_pub.publish(msg)
+    assert probe.spin_until(lambda: len(probe.details) > n, 60)
+    structured = probe.details[-1]
+    assert structured.instruction == template
+    assert len(structured.understood) == 3 and len(structured.unread) == 1 and "sideways" in structured.unread[0]
+    assert [h.cell_id for h in structured.hypotheses] == [h.cell_id for h in want[0].hypotheses]
 
 
 def test_instructions_faster_than_inference_keep_the_newest(graph):

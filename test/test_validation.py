@@ -134,6 +134,7 @@ CHECKPOINT_CASES = {
     "sigma nan": (lambda s, d: _edited(s, d, lambda p: p["extra"].update(sigma_scale=float("nan"))), "sigma_scale"),
     "max_tokens 0": (lambda s, d: _edited(s, d, lambda p: p["extra"].update(max_tokens=0)), "max_tokens"),
     "kind list": (lambda s, d: _edited(s, d, lambda p: p.update(kind=["fine"])), "unknown kind"),
+    "not a regular file": (lambda s, d: "/dev/zero", "not a regular file"),
 }
 
 
@@ -244,3 +245,24 @@ def test_a_far_outlier_costs_nothing(far):
         assert len(lines) == 1 and "ignoring 1 of" in lines[0]
     else:
         assert not lines
+
+
+@pytest.mark.parametrize("size", [1e30, 1e-300, 15.0])
+def test_cell_size_must_be_the_bbox_edge(size):
+    result = validate_cells([_cell("0003_00001"), _cell("0003_00002", cell_size=size)])
+    assert len(result.good) == 1 and "longest edge" in result.dropped[0][1]
+
+
+def test_colours_outside_0_1_are_refused():
+    bright = _cell(objects=[_obj(rgb=np.full((20, 3), 255.0, np.float32))])
+    assert "outside [0, 1]" in validate_cells([bright]).dropped[0][1]
+
+
+def test_a_sparse_wide_cloud_with_huge_cells_is_refused_before_any_work():
+    from spatialoc_ros.data.cloud_cells import CellCutConfig, cut_cloud_into_cells, make_cloud
+
+    rng = np.random.default_rng(0)
+    xyz = np.c_[rng.uniform(-19000, 19000, (500, 2)), np.zeros(500)]
+    cloud = make_cloud(xyz, np.zeros((500, 3), np.uint8), np.full(500, 11), np.arange(500))
+    with pytest.raises(ValueError, match="would visit up to"):
+        cut_cloud_into_cells(cloud, "s", CellCutConfig(cell_size=1000.0, cell_stride=10.0), log=lambda _m: None)

@@ -129,9 +129,12 @@ def make_cloud(xyz, rgb, label, instance) -> LabelledCloud:
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise DataFormatError(f"xyz must be (N, 3), got {xyz.shape}")
     n = len(xyz)
-    rgb = np.asarray(rgb).reshape(n, -1) if np.size(rgb) == 3 * n else None
-    if rgb is None or rgb.shape[1] != 3:
-        raise DataFormatError(f"rgb must be (N, 3) with N = {n}, got {np.shape(rgb)}")
+    if n == 0:
+        raise DataFormatError("the cloud holds no points")
+    given = np.shape(rgb)
+    if np.size(rgb) != 3 * n:
+        raise DataFormatError(f"rgb must be (N, 3) with N = {n}, got {given}")
+    rgb = np.asarray(rgb).reshape(n, 3)
     label = np.asarray(label).reshape(-1)
     instance = np.asarray(instance).reshape(-1)
     if len(label) != n or len(instance) != n:
@@ -145,7 +148,8 @@ def _read_npz(path: str) -> LabelledCloud:
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise DataFormatError(f"cannot read {path}: {e}") from e
+        raise DataFormatError(f"cannot read {path}: not an .npz archive of plain arrays "
+                              f"({type(e).__name__}; pickled objects are refused)") from e
     with data:
         missing = [k for k in ("xyz", "rgb", "label", "instance") if k not in data.files]
         if missing:
@@ -232,9 +236,17 @@ def world_index(cloud: LabelledCloud) -> Optional[WorldIndex]:
     )
 
 
+#: More grid cells to visit than this and cutting is refused: the cells a grid of cell_stride lays
+#: over the occupied 10 m tiles, counted before any work (a fully occupied 10 km x 10 km city at the
+#: data set's 30 m cells every 10 m visits about 1e6).
+MAX_CANDIDATE_CELLS = 2_000_000
+
+
 def _candidate_origins(index: WorldIndex, cfg: CellCutConfig) -> np.ndarray:
     """(C, 2) x-y origins (grid of cell_stride from the lowest x-y) of the cells overlapping an
-    occupied tile, sorted by y then x."""
+    occupied tile, sorted by y then x. ValueError when that would be more than
+    :data:`MAX_CANDIDATE_CELLS` (a cell_size far larger than cell_stride over a sparse, wide cloud
+    would otherwise mean millions of cells and hours of work)."""
     tiles = index.occupied_tiles()
     lo_xy = index.min_xy + tiles * TILE  # (T, 2) tile lower corners
     hi_xy = lo_xy + TILE
@@ -242,6 +254,12 @@ def _candidate_origins(index: WorldIndex, cfg: CellCutConfig) -> np.ndarray:
     k_lo = np.maximum(np.floor((lo_xy - index.min_xy - cfg.cell_size) / cfg.cell_stride).astype(np.int64) + 1, 0)
     k_hi = np.floor((hi_xy - index.min_xy) / cfg.cell_stride).astype(np.int64)
     span = int((k_hi - k_lo).max()) + 1
+    if len(tiles) * span * span > MAX_CANDIDATE_CELLS:
+        raise ValueError(
+            f"cell_size {cfg.cell_size:g} m every {cfg.cell_stride:g} m over {len(tiles)} occupied {TILE:g} m tiles "
+            f"would visit up to {len(tiles) * span * span} cells (at most {MAX_CANDIDATE_CELLS}): raise "
+            "cell_stride or lower cell_size (the data set uses 30 m cells every 10 m)"
+        )
     offsets = np.stack(np.meshgrid(np.arange(span), np.arange(span), indexing="ij"), axis=-1).reshape(-1, 2)
     ks = (k_lo[:, None, :] + offsets[None, :, :]).reshape(-1, 2)
     ks = ks[np.all(ks <= np.repeat(k_hi, len(offsets), axis=0), axis=1)]

@@ -11,10 +11,12 @@ A cell is bad when any of these holds:
   (pickles can hold anything: ``objects=7``, a list as ``id``);
 - ``id`` is empty or repeats an earlier cell's id (the first one is kept);
 - ``cell_size`` is not a finite number > 0, or ``bbox_w`` is not 6 finite numbers with
-  x1 > x0 and y1 > y0, or its coordinates exceed :data:`MAX_WORLD_COORD_M`;
+  x1 > x0 and y1 > y0, or its coordinates exceed :data:`MAX_WORLD_COORD_M`, or ``cell_size`` is not
+  the longest x-y edge of ``bbox_w`` (within :data:`CELL_SIZE_TOLERANCE`): points are normalised by
+  it, so a wrong one puts every answer elsewhere;
 - it holds no object, or one of its objects is bad: unknown or empty label, no points, xyz / rgb
   not (N, 3) finite numbers, points farther than :data:`MAX_NORMALISED_COORD` cell sizes from the
-  cell (instances may stick out of [0, 1], but not by kilometres).
+  cell (instances may stick out of [0, 1], but not by kilometres), colours outside [0, 1].
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ from spatialoc_ros.data.kitti360pose import Cell, Object3d
 MAX_NORMALISED_COORD = 10.0
 #: World coordinates of a cell's bbox beyond this (metres) are refused (UTM-sized maps fit).
 MAX_WORLD_COORD_M = 1.0e8
+#: Relative tolerance between ``cell_size`` and the longest x-y edge of ``bbox_w``.
+CELL_SIZE_TOLERANCE = 0.01
+#: Colours are in [0, 1]; this much rounding slack is allowed.
+RGB_SLACK = 1e-3
 #: How many drop reasons a summary quotes.
 QUOTED_REASONS = 3
 
@@ -91,6 +97,8 @@ def object_problem(obj) -> Optional[str]:
         return why
     if len(rgb) != len(xyz):
         return f"{obj.label} object has {len(xyz)} points but {len(rgb)} colours"
+    if float(rgb.min()) < -RGB_SLACK or float(rgb.max()) > 1.0 + RGB_SLACK:
+        return f"{obj.label} colours reach {float(rgb.min()):.3g}..{float(rgb.max()):.3g}, outside [0, 1]"
     extent = float(np.abs(xyz).max())
     if extent > MAX_NORMALISED_COORD:
         return (f"{obj.label} object reaches {extent:.3g} cell sizes from its cell "
@@ -118,6 +126,9 @@ def cell_problem(cell) -> Optional[str]:
         return f"bbox_w {bbox.tolist()} has x1 <= x0 or y1 <= y0"
     if float(np.abs(bbox).max()) > MAX_WORLD_COORD_M:
         return f"bbox_w {bbox.tolist()} lies beyond {MAX_WORLD_COORD_M:g} m"
+    edge = float(max(bbox[3] - bbox[0], bbox[4] - bbox[1]))
+    if abs(float(cell.cell_size) - edge) > CELL_SIZE_TOLERANCE * edge:
+        return f"cell_size {float(cell.cell_size):g} is not the longest edge of bbox_w ({edge:g} m)"
     if not isinstance(cell.objects, (list, tuple)):
         return f"objects is a {type(cell.objects).__name__}, not a list"
     if not cell.objects:

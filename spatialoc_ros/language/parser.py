@@ -75,6 +75,8 @@ CLAUSE_WORDS: tuple[str, ...] = ("and", "then", "also", "but", "plus")
 _CLAUSE_SPLIT = re.compile(
     r"((?<!\d)\.|\.(?!\d)|[,;!?\n\r]|\b(?:" + "|".join(CLAUSE_WORDS) + r")\b)", re.IGNORECASE
 )
+#: 'also' right after a verb is an adverb inside the clause, not a clause boundary.
+_ADVERB_ALSO = re.compile(r"\b(is|are|was|were|'s|’s|stands?|lies?|sits?|stays?)\s+also\b", re.IGNORECASE)
 #: Separators across which a list of objects shares one direction ("a pole, a sign and a box are west of me").
 _LIST_SEPARATORS = frozenset((",", "and"))
 #: Words a bare list item may hold besides its object ("a tall gray building").
@@ -304,7 +306,11 @@ def _find_cues(items: list[_Item]) -> tuple[list[_Cue], set[int], list[str]]:
                 used_poss.add(k - 1)
             elif nxt is not None and nxt.kind == _OF:
                 after = items[k + 2] if k + 2 < n else None
-                if after is not None and after.kind == _OBJ:
+                if after is not None and after.kind == _POSS and k + 3 < n and items[k + 3].kind == _OBJ:
+                    # "south of my gray pole": the possessive belongs to the object, the pose is south of it
+                    cues.append(_Cue("pose", k, k + 3))
+                    used_poss.add(k + 2)
+                elif after is not None and after.kind == _OBJ:
                     cues.append(_Cue("pose", k, k + 2))
                 elif after is not None and after.kind in (_UNK, _COLOUR):
                     # "north of the (gray) car": about something the classes do not have
@@ -461,6 +467,7 @@ def split_clauses(text: str) -> list[str]:
 
 def _clauses_with_separators(text: str) -> list[tuple[str, bool]]:
     """(clause, whether only ',' / 'and' separate it from the clause before) for the non-empty clauses."""
+    text = _ADVERB_ALSO.sub(r"\1", text)  # "a box is also east of me": 'also' after a verb cuts nothing
     parts = _CLAUSE_SPLIT.split(text)  # text, separator, text, separator, ...
     out: list[tuple[str, bool]] = []
     separators: set[str] = set()

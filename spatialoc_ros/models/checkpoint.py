@@ -118,6 +118,8 @@ def read_checkpoint(path: str) -> dict:
     weights, calibration values out of range.
     """
     if not os.path.isfile(path):
+        if os.path.exists(path):
+            raise CheckpointError(f"checkpoint {path!r} is not a regular file")
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

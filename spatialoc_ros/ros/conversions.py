@@ -33,6 +33,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from spatialoc_ros.data.constants import CLASSES, PAD_LABEL
 from spatialoc_ros.data.kitti360pose import Cell, Object3d
+from spatialoc_ros.msg import Hint as HintMsg
 from spatialoc_ros.msg import Hypothesis as HypothesisMsg
 from spatialoc_ros.msg import HypothesisArray, MapCell, MapObject
 
@@ -359,14 +360,46 @@ def hypothesis_to_msg(hyp, rank: int) -> HypothesisMsg:
 
 
 def hypotheses_to_msg(
-    hyps: Sequence, frame_id: str, stamp: Time, instruction: str = "", inference_ms: float = 0.0
+    hyps: Sequence, frame_id: str, stamp: Time, instruction: str = "", inference_ms: float = 0.0,
+    understood=None,
 ) -> HypothesisArray:
+    """HypothesisArray of ``hyps`` (best first); ``understood`` (a ParsedInstruction) fills the
+    echo of what was read: the hints, the unread fragments with their reasons, one line."""
     msg = HypothesisArray()
     msg.header = Header(frame_id=frame_id, stamp=stamp)
     msg.instruction = instruction
     msg.inference_ms = float(inference_ms)
     msg.hypotheses = [hypothesis_to_msg(h, i) for i, h in enumerate(hyps)]
+    if understood is not None:
+        msg.understood = [hint_to_msg(h) for h in understood.hints]
+        msg.unread = [f"'{f}' ({r})" for f, r in zip(understood.unread, understood.unread_reasons)]
+        msg.interpretation = understood.describe()
     return msg
+
+
+# --------------------------------------------------------------------------- hints
+
+
+def hint_to_msg(hint) -> HintMsg:
+    """spatialoc_ros/Hint of a :class:`spatialoc_ros.language.Hint` (colour None -> "")."""
+    return HintMsg(direction=hint.direction, colour=hint.colour or "", label=hint.label)
+
+
+def msg_to_hints(msgs: Sequence[HintMsg]) -> tuple[list, list[tuple[str, str]]]:
+    """(valid language.Hint objects, (fragment, reason) per invalid message) of structured hints:
+    names are matched case-insensitively, '_' as a space, 'grey' as 'gray'; anything else is refused."""
+    from spatialoc_ros.language import Hint
+
+    hints, problems = [], []
+    for i, m in enumerate(msgs):
+        direction = m.direction.strip().lower()
+        colour = m.colour.strip().lower().replace("grey", "gray") or None
+        label = m.label.strip().lower().replace("_", " ")
+        try:
+            hints.append(Hint(direction, colour, label))
+        except ValueError as e:
+            problems.append((f"hint {i} ({m.direction!r}, {m.colour!r}, {m.label!r})", str(e)))
+    return hints, problems
 
 
 def covariance_xy_of(msg_covariance: Sequence[float]) -> np.ndarray:

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Optional
 
@@ -50,6 +51,24 @@ COMMON_PARAMETERS: dict[str, ParamSpec] = {
 }
 
 
+class _RosLogHandler(logging.Handler):
+    """Python ``logging`` records of the ROS-free core (logger ``spatialoc_ros``) into the node's
+    ROS logger, so that they carry the node's name and level like its own lines."""
+
+    def __init__(self, ros_logger) -> None:
+        super().__init__(level=logging.INFO)
+        self.ros_logger = ros_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = f"{record.name}: {record.getMessage()}"
+        if record.levelno >= logging.ERROR:
+            self.ros_logger.error(message)
+        elif record.levelno >= logging.WARNING:
+            self.ros_logger.warning(message)
+        else:
+            self.ros_logger.info(message)
+
+
 class SpatialocLifecycleNode(LifecycleNode):
     """Base of ``localizer`` and ``map_server`` (see the module docstring)."""
 
@@ -59,6 +78,11 @@ class SpatialocLifecycleNode(LifecycleNode):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._problems = declare_all(self, self._specs)
         self.add_post_set_parameters_callback(self._after_set_parameters)
+        core = logging.getLogger("spatialoc_ros")
+        if not any(isinstance(h, _RosLogHandler) for h in core.handlers):
+            core.addHandler(_RosLogHandler(self.get_logger()))
+        core.setLevel(logging.INFO)
+        core.propagate = False
         self._stop = threading.Event()  # the node is shutting down
         self._phase, self._detail = "unconfigured", ""
         self._status_sent = ""
@@ -214,7 +238,8 @@ class SpatialocLifecycleNode(LifecycleNode):
         """Stop the node's threads (before the executor shuts down)."""
         self._stop.set()
         if self._autostart_thread is not None and self._autostart_thread is not threading.current_thread():
-            self._autostart_thread.join(timeout=10.0)
+            # a transition may be busy in numpy or torch; the thread is a daemon: wait a little only
+            self._autostart_thread.join(timeout=2.0)
 
 
 def spin(node_type, args=None, threads: int = 2) -> int:

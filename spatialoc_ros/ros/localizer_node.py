@@ -60,12 +60,14 @@ from spatialoc_ros.ros import conversions
 from spatialoc_ros.ros.instruction import check_instruction
 from spatialoc_ros.ros.lifecycle_base import COMMON_PARAMETERS, STATUS_QOS, SpatialocLifecycleNode, spin
 from spatialoc_ros.ros.params import ParamSpec
-from spatialoc_ros.msg import HypothesisArray
+from spatialoc_ros.msg import HypothesisArray, InstructionHints
 from spatialoc_ros.srv import GetMapCells
 
 NODE_NAME = "localizer"
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 MAX_TOP_K = 100
+#: More structured hints than ten times this in one message are refused unread.
+MAX_STRUCTURED_HINTS = 12
 
 #: Deep enough that a burst reaches the node and is counted; the node's own bounded queue
 #: (queue_size) then decides what is kept.
@@ -88,6 +90,21 @@ __all__ = ["INSTRUCTION_QOS", "OUTPUT_QOS", "POSE_QOS", "STATUS_QOS", "PARAMETER
 def _device_problem(value: Any) -> Optional[str]:
     if not DEVICE_PATTERN.match(str(value).strip().lower()):
         return f"device must be auto, cpu, cuda or cuda:N, got {value!r}"
+    return None
+
+
+def _service_name_problem(value: Any) -> Optional[str]:
+    """Why ``value`` is no valid ROS service name (relative or absolute), or None."""
+    from rclpy.exceptions import InvalidServiceNameException, InvalidTopicNameException
+    from rclpy.validate_full_topic_name import validate_full_topic_name
+    from rclpy.validate_topic_name import validate_topic_name
+
+    text = str(value)
+    try:
+        validate_topic_name(text, is_service=True)
+        validate_full_topic_name(text if text.startswith("/") else "/ns/" + text.lstrip("~/"), is_service=True)
+    except (InvalidServiceNameException, InvalidTopicNameException) as e:
+        return f"map_service {text!r} is not a valid service name ({str(e).splitlines()[0]})"
     return None
 
 
@@ -119,9 +136,12 @@ PARAMETERS: dict[str, ParamSpec] = {
         check=_name_problem("frame_id", allow_empty=True)),
     "map_service": ParamSpec(
         "get_map_cells", "Name of the GetMapCells service to fetch the map from (relative names follow the "
-                         "namespace).", check=_name_problem("map_service", allow_empty=False)),
+                         "namespace).", check=_service_name_problem),
     "max_instruction_chars": ParamSpec(
         2000, "Longer instructions are refused (logged), not answered.", 1, 1_000_000, dynamic=True),
+    "min_hints": ParamSpec(
+        2, "Instructions with fewer usable hints are refused, with a reason naming what was understood.",
+        1, 12, dynamic=True),
     "queue_size": ParamSpec(
         1, "Instructions waiting for inference; when full the oldest is dropped (counted, logged).", 1, 10000,
         dynamic=True),
@@ -151,6 +171,7 @@ class LocalizerConfig:
     frame_id: str
     map_service: str
     max_instruction_chars: int
+    min_hints: int
     queue_size: int
     service_wait_s: float
     service_backoff_max_s: float
@@ -199,6 +220,8 @@ class LocalizerNode(SpatialocLifecycleNode):
         self._client_group = MutuallyExclusiveCallbackGroup()  # map-service responses
         self.create_subscription(String, "instruction", self._on_instruction, INSTRUCTION_QOS,
                                  callback_group=self._io_group)
+        self.create_subscription(InstructionHints, "instruction_hints", self._on_instruction_hints,
+                                 INSTRUCTION_QOS, callback_group=self._io_group)
         self.create_service(Trigger, "reload_map", self._on_reload_map, callback_group=self._service_group)
         self.set_phase("unconfigured")
 
@@ -211,6 +234,13 @@ class LocalizerNode(SpatialocLifecycleNode):
 
     # ----------------------------------------------------------------- lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            return self._configure()
+        except Exception as e:  # noqa: BLE001 - rclpy turns an escaping exception into a silent ERROR
+            self.release()
+            return self.refuse_transition("configure", f"{type(e).__name__}: {e}")
+
+    def _configure(self) -> TransitionCallbackReturn:
         problem = self.parameter_problem()
         cfg = LocalizerConfig(**self.parameter_values())
         if problem is None and cfg.service_backoff_max_s < cfg.service_wait_s:
@@ -229,6 +259,7 @@ class LocalizerNode(SpatialocLifecycleNode):
                 text_model=self.cfg.text_model or None,
                 device=self.cfg.device,
                 fixed_embedding=self.cfg.sentence_cache,
+                min_hints=1,  # the node checks its own (dynamic) min_hints first
             )
         except Exception as e:  # noqa: BLE001 - any failure to load is a failed configure, with its cause
             self._localizer = None
@@ -319,21 +350,51 @@ class LocalizerNode(SpatialocLifecycleNode):
     # ----------------------------------------------------------------- instruction input
     def _on_instruction(self, msg: String) -> None:
         received = self.get_clock().now()
-        cfg = self.cfg
         self._count("received")
-        check = check_instruction(msg.data, cfg.max_instruction_chars)
+        check = check_instruction(msg.data, self.cfg.max_instruction_chars)
         if not check.ok:
-            self._count("rejected")
-            self.get_logger().warning(f"instruction refused: {check.reason}")
+            self._refuse(check.reason)
             return
+        self._accept(check.text, check.text, received)
+
+    def _on_instruction_hints(self, msg: InstructionHints) -> None:
+        """Structured hints (speech / LLM front-ends): invalid ones are dropped with a reason."""
+        from spatialoc_ros.language import ParsedInstruction, render_hints
+
+        received = self.get_clock().now()
+        self._count("received")
+        if len(msg.hints) > 10 * MAX_STRUCTURED_HINTS:
+            self._refuse(f"{len(msg.hints)} hints in one message (more than {10 * MAX_STRUCTURED_HINTS})")
+            return
+        hints, problems = conversions.msg_to_hints(msg.hints)
+        if problems:
+            quoted = "; ".join(f"{f}: {r}" for f, r in problems[:3])
+            self.get_logger().warning(f"instruction_hints: dropped {len(problems)} invalid hint(s): {quoted}")
+        parsed = ParsedInstruction(tuple(hints), tuple(f for f, _ in problems), tuple(r for _, r in problems))
+        self._accept(" ".join(render_hints(hints)), parsed, received)
+
+    def _refuse(self, reason: str) -> None:
+        self._count("rejected")
+        self.get_logger().warning(f"instruction refused: {reason}")
+
+    def _accept(self, text: str, query, received: Time) -> None:
+        """Queue an instruction (text or parsed hints) when the node is ready and it says enough."""
+        from spatialoc_ros.inference import InstructionRefused, understand
+
+        cfg = self.cfg
         if self.phase != "ready":
-            self._count("rejected")
-            self.get_logger().warning(
-                f"instruction refused: the map is not ready yet (state {self.phase}, lifecycle "
-                f"{self.lifecycle_state}" + (f": {self._detail}" if self._detail else "")
+            self._refuse(
+                f"the map is not ready yet (state {self.phase}, lifecycle {self.lifecycle_state}"
+                + (f": {self._detail}" if self._detail else "")
                 + "); send it again once the status topic says state=ready"
             )
             return
+        try:
+            parsed = understand(query, cfg.min_hints)
+        except InstructionRefused as e:
+            self._refuse(f"{e} (instruction {text[:80]!r})")
+            return
+        self.get_logger().debug(f"understood {text[:80]!r} as: {parsed.describe()}")
         with self._lock:
             while len(self._queue) >= cfg.queue_size:
                 self._queue.popleft()
@@ -343,7 +404,7 @@ class LocalizerNode(SpatialocLifecycleNode):
                     f"(queue_size={cfg.queue_size} keeps the newest; {self._counts.dropped} dropped so far)",
                     throttle_duration_sec=1.0,
                 )
-            self._queue.append((check.text, received, time.perf_counter()))
+            self._queue.append((text, parsed, received, time.perf_counter()))
             self._lock.notify()
 
     def _on_reload_map(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
@@ -366,6 +427,8 @@ class LocalizerNode(SpatialocLifecycleNode):
 
     # ----------------------------------------------------------------- worker thread
     def _start_worker(self) -> None:
+        with self._lock:  # nothing accepted while inactive is answered later with a stale stamp
+            self._queue.clear()
         self._worker_stop.clear()
         self._worker = threading.Thread(target=self._run_worker, name="localizer-inference", daemon=True)
         self._worker.start()
@@ -443,8 +506,8 @@ class LocalizerNode(SpatialocLifecycleNode):
     def _fetch_and_embed(self, reason: str, wait_s: Optional[float] = None) -> str:
         """Fetch, validate and embed the map; the current map stays on any failure."""
         cells, frame = self._fetch_cells(self.cfg.service_wait_s if wait_s is None else wait_s)
-        if not frame.strip():
-            raise MapUnavailable("the map service names no frame_id; set the map_server's frame_id")
+        if not frame.strip() or any(c.isspace() for c in frame):
+            raise MapUnavailable(f"the map service names no usable frame_id ({frame!r}); set the map_server's frame_id")
         if self.cfg.frame_id and self.cfg.frame_id != frame:
             raise MapUnavailable(
                 f"frame mismatch: the map is in {frame!r} but frame_id is {self.cfg.frame_id!r}; "
@@ -466,13 +529,13 @@ class LocalizerNode(SpatialocLifecycleNode):
         return message
 
     # ----------------------------------------------------------------- answering
-    def _answer(self, text: str, received: Time, queued_at: float) -> None:
+    def _answer(self, text: str, parsed, received: Time, queued_at: float) -> None:
         from spatialoc_ros.inference import NonFiniteOutputError
 
         cfg = self.cfg
         t0 = time.perf_counter()
         try:
-            hyps = self._localizer.localize(text, top_k=cfg.top_k)
+            hyps = self._localizer.localize(parsed, top_k=cfg.top_k)
         except NonFiniteOutputError as e:
             self._count("failed")
             self.get_logger().error(f"no answer for {text[:60]!r}: {e}; nothing published")
@@ -491,7 +554,7 @@ class LocalizerNode(SpatialocLifecycleNode):
         stamp = received.to_msg()
         frame = self._frame
         try:
-            detail = conversions.hypotheses_to_msg(hyps, frame, stamp, text, inference_ms)
+            detail = conversions.hypotheses_to_msg(hyps, frame, stamp, text, inference_ms, understood=parsed)
             pose = conversions.hypothesis_to_pose_stamped(hyps[0], frame, stamp)
             array = conversions.hypotheses_to_pose_array(hyps, frame, stamp)
             markers = conversions.hypotheses_to_markers(hyps, frame, stamp)

@@ -72,7 +72,8 @@ def declare_all(node: Node, specs: dict[str, ParamSpec]) -> dict[str, str]:
         try:
             value = node.declare_parameter(name, spec.default, spec.descriptor()).value
         except (InvalidParameterTypeException, InvalidParameterValueException) as e:
-            hint = " (write doubles with a decimal point, e.g. 2.0)" if isinstance(spec.default, float) else ""
+            wrong_type = isinstance(e, InvalidParameterTypeException)
+            hint = " (write doubles with a decimal point, e.g. 2.0)" if wrong_type and isinstance(spec.default, float) else ""
             problems[name] = f"{name}: {e}{hint}"
             node.declare_parameter(name, spec.default, spec.descriptor(), ignore_override=True)
             continue

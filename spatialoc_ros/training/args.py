@@ -91,6 +91,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="objects per cell after padding / truncation (the release uses 28)",
     )
     g.add_argument(
+        "--pointnet_arch", type=str, default=None, choices=("mlp", "pointnet2"),
+        help="the PointNet of the object encoder: 'mlp' (this project's shared-MLP PointNet) or "
+        "'pointnet2' (the release's PointNet++ shape, e.g. to train it from scratch); default: the "
+        "--pointnet_path file's, else 'mlp'",
+    )
+    g.add_argument(
         "--pointnet_path", type=str, default=None,
         help="PointNet weights to start the object encoder from: the release's backbone "
         f"{SEED_POINTNET_NAME} (read without running anything it names), its converted form "
@@ -190,6 +196,9 @@ def resolve_pointnet(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         info = describe_pointnet_file(args.pointnet_path)
     except (PointNetFileError, OSError) as err:
         parser.error(f"--pointnet_path {args.pointnet_path}: {err}")
+    if getattr(args, "pointnet_arch", None) not in (None, info.arch):
+        parser.error(f"--pointnet_arch {args.pointnet_arch} does not fit --pointnet_path {args.pointnet_path}, "
+                     f"a {info.arch!r} PointNet: drop --pointnet_arch or pass {info.arch}")
     if hasattr(args, "pointnet_dim") and args.pointnet_dim != info.out_dim:
         if args.pointnet_dim != parser.get_default("pointnet_dim"):
             parser.error(f"--pointnet_dim {args.pointnet_dim} does not fit --pointnet_path {args.pointnet_path}, "

@@ -83,6 +83,7 @@ def config_from_args(args: argparse.Namespace, text_dim: int):
         max_objects=args.max_objects,
         pointnet_dim=args.pointnet_dim,
         pointnet_path=args.pointnet_path,
+        pointnet_arch=args.pointnet_arch,
         num_hidden_layers=args.num_hidden_layers,
         num_heads=args.num_heads,
         beose_dim=args.beose_dim,

@@ -98,6 +98,7 @@ def config_from_args(args: argparse.Namespace, text_dim: int):
         max_objects=args.max_objects,
         pointnet_dim=args.pointnet_dim,
         pointnet_path=args.pointnet_path,
+        pointnet_arch=args.pointnet_arch,
         num_layers=args.fine_num_layers,
         num_heads=args.fine_num_heads,
         mean_head=args.mean_head,
