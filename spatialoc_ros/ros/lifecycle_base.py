@@ -214,6 +214,17 @@ class SpatialocLifecycleNode(LifecycleNode):
         self.publish_safely(self._diagnostics_pub, DiagnosticArray(header=header, status=[status]))
 
     # ----------------------------------------------------------------- transitions shared by the nodes
+    def configure_node(self) -> TransitionCallbackReturn:
+        """Hook: the node's configure (check parameters, load what it needs)."""
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        try:
+            return self.configure_node()
+        except Exception as e:  # noqa: BLE001 - rclpy turns an escaping exception into a silent ERROR
+            self.release()
+            return self.refuse_transition("configure", f"{type(e).__name__}: {e}")
+
     def release(self) -> None:
         """Hook: free what configure and activate made (threads, models, publishers)."""
 

@@ -233,14 +233,7 @@ class LocalizerNode(SpatialocLifecycleNode):
         return self.cfg.service_wait_s, self.cfg.service_backoff_max_s
 
     # ----------------------------------------------------------------- lifecycle
-    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        try:
-            return self._configure()
-        except Exception as e:  # noqa: BLE001 - rclpy turns an escaping exception into a silent ERROR
-            self.release()
-            return self.refuse_transition("configure", f"{type(e).__name__}: {e}")
-
-    def _configure(self) -> TransitionCallbackReturn:
+    def configure_node(self) -> TransitionCallbackReturn:
         problem = self.parameter_problem()
         cfg = LocalizerConfig(**self.parameter_values())
         if problem is None and cfg.service_backoff_max_s < cfg.service_wait_s:

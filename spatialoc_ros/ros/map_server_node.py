@@ -160,14 +160,7 @@ class MapServerNode(SpatialocLifecycleNode):
         scenes = self.get_parameter_or("scenes", Parameter("scenes", value=None)).value or []
         return MapServerConfig(**values, scenes=tuple(s for s in scenes if s))
 
-    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        try:
-            return self._configure()
-        except Exception as e:  # noqa: BLE001 - rclpy turns an escaping exception into a silent ERROR
-            self.release()
-            return self.refuse_transition("configure", f"{type(e).__name__}: {e}")
-
-    def _configure(self) -> TransitionCallbackReturn:
+    def configure_node(self) -> TransitionCallbackReturn:
         problem = self.parameter_problem()
         if problem is not None:
             return self.refuse_transition("configure", f"{problem}; set valid values and configure again")
