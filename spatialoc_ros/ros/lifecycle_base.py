@@ -164,6 +164,7 @@ class SpatialocLifecycleNode(LifecycleNode):
         while not self._stop.is_set() and self.lifecycle_state == "inactive":
             attempt += 1
             if self.trigger_activate() == TransitionCallbackReturn.SUCCESS:
+                self._publish_status()  # now 'ready' and 'active' together
                 return
             wait = min(delay, longest)
             self.get_logger().warning(f"not active yet (try {attempt}): {self._detail}; activating again in {wait:.1f} s")
@@ -199,6 +200,8 @@ class SpatialocLifecycleNode(LifecycleNode):
 
     def _publish_status(self) -> None:
         values = self._values()
+        if self._phase == "ready" and values["lifecycle"] != "active":
+            return  # activation is finishing: say ready once the lifecycle state is active
         text = " ".join(f"{k}={v}" for k, v in values.items()) + (f" detail={self._detail}" if self._detail else "")
         if text != self._status_sent:
             self._status_sent = text
