@@ -448,10 +448,24 @@ def seed_layout(release, small_city, tmp_path_factory):
     work = tmp_path_factory.mktemp("seed_layout")
     _tiny_t5(work / "t5-large")
     cp.convert(str(release["pyg1"]), str(work / "checkpoints" / cp.SEED_POINTNET_NAME))
-    data = work / "data" / "KITTI360Pose"
-    data.mkdir(parents=True)
-    (data / "k360_30-10_scG_pd10_pc4_spY_all").symlink_to(small_city, target_is_directory=True)
+    data = work / "data" / "KITTI360Pose" / "k360_30-10_scG_pd10_pc4_spY_all"
+    _short_city(small_city, data)
     return work
+
+
+def _short_city(src, dst, poses_per_scene: int = 13) -> None:
+    """The small city with a few poses per scene, so that one whole epoch of the seed's commands
+    (no --max_batches) takes seconds: 5 train scenes x 13 = 65 queries."""
+    import pickle
+    import shutil
+
+    from spatialoc_ros.data.safe_pickle import safe_load_pickle
+
+    shutil.copytree(src, dst)
+    for path in (dst / "poses").glob("*.pkl"):
+        poses = safe_load_pickle(str(path))
+        with open(path, "wb") as f:
+            pickle.dump(poses[:poses_per_scene], f, protocol=4)
 
 
 def test_hungging_model_t5_large_finds_the_local_folder(seed_layout, monkeypatch, tmp_path):
@@ -491,13 +505,13 @@ def test_pointnet_path_defaults_to_the_seed_place(seed_layout, monkeypatch, caps
     assert parsed().pointnet_path is None
 
 
-# The seed README's coarse command, word for word, apart from --epochs (and --max_batches: a debug cut).
+# The seed README's coarse command, word for word, apart from --epochs.
 SEED_COARSE = ("--batch_size 64 --coarse_embed_dim 256 --shuffle "
                "--base_path ./data/KITTI360Pose/k360_30-10_scG_pd10_pc4_spY_all/ "
                "--use_features class color position num --no_pc_augment --fixed_embedding "
                "--epochs 1 --learning_rate 0.0001 --lr_scheduler step --lr_step 5 --lr_gamma 0.5 "
                "--temperature 0.05 --ranking_loss CCL --num_of_hidden_layer 3 --alpha 2 "
-               "--hungging_model t5-large --folder_name PATH_TO_COARSE").split() + ["--max_batches", "1"]
+               "--hungging_model t5-large --folder_name PATH_TO_COARSE").split()
 
 
 # ... and its fine command (with --fixed_embedding twice, as there)
@@ -505,11 +519,11 @@ SEED_FINE = ("--batch_size 32 --fine_embed_dim 128 --shuffle "
              "--base_path ./data/KITTI360Pose/k360_30-10_scG_pd10_pc4_spY_all/ "
              "--use_features class color position num --no_pc_augment --fixed_embedding "
              "--epochs 1 --learning_rate 0.0003 --fixed_embedding --hungging_model t5-large "
-             "--regressor_cell all --pmc_prob 0.5 --folder_name PATH_TO_FINE").split() + ["--max_batches", "1"]
+             "--regressor_cell all --pmc_prob 0.5 --folder_name PATH_TO_FINE").split()
 
 
-@pytest.mark.parametrize("stage, argv, lr", [("coarse", SEED_COARSE, 1e-4), ("fine", SEED_FINE, 3e-4)])
-def test_seed_training_command_starts_from_the_backbone(seed_layout, release, stage, argv, lr):
+@pytest.mark.parametrize("stage, argv", [("coarse", SEED_COARSE), ("fine", SEED_FINE)])
+def test_seed_training_command_starts_from_the_backbone(seed_layout, release, stage, argv):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-m", f"spatialoc_ros.training.{stage}", *argv], cwd=seed_layout,
@@ -530,8 +544,10 @@ def test_seed_training_command_starts_from_the_backbone(seed_layout, release, st
     for ours in ("fc2.weight", "fc1.bias", "set_abstractions.0.mlp.0.linear.weight",
                  "set_abstractions.2.mlp.1.norm.weight", "global_abstraction.mlp.1.linear.weight"):
         start = release["pyg1_tensors"][cp.release_name(ours)]
-        # one Adam step moves a weight by at most about the learning rate; a fresh init is far away
-        assert (trained[ours] - start).abs().max() <= 2 * lr, ours
+        # each Adam step moves a weight by at most about the learning rate, and one epoch of 65
+        # queries is a handful of steps (batches hold distinct cells): the trained weights stay
+        # within 0.01 of the release's, while a fresh init is more than 0.05 away
+        assert (trained[ours] - start).abs().max() <= 0.01, ours
         assert (fresh[ours] - start).abs().max() > 0.05, ours
 
 
