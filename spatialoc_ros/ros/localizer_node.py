@@ -218,10 +218,13 @@ class LocalizerNode(SpatialocLifecycleNode):
         self._pubs: dict[str, Any] = {}
         self._service_group = MutuallyExclusiveCallbackGroup()  # reload_map
         self._client_group = MutuallyExclusiveCallbackGroup()  # map-service responses
+        # one mutually exclusive group: instructions are taken in arrival order, so that the bounded
+        # queue really keeps the newest (a reentrant group let two callbacks overtake each other)
+        self._instruction_group = MutuallyExclusiveCallbackGroup()
         self.create_subscription(String, "instruction", self._on_instruction, INSTRUCTION_QOS,
-                                 callback_group=self._io_group)
+                                 callback_group=self._instruction_group)
         self.create_subscription(InstructionHints, "instruction_hints", self._on_instruction_hints,
-                                 INSTRUCTION_QOS, callback_group=self._io_group)
+                                 INSTRUCTION_QOS, callback_group=self._instruction_group)
         self.create_service(Trigger, "reload_map", self._on_reload_map, callback_group=self._service_group)
         self.set_phase("unconfigured")
 
