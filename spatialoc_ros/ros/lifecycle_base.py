@@ -30,14 +30,16 @@ from std_msgs.msg import Header, String
 
 from spatialoc_ros.ros.params import ParamSpec, declare_all, refusal
 
-STATUS_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.TRANSIENT_LOCAL,
-)
-DIAGNOSTICS_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.VOLATILE,
-)
+def reliable_qos(depth: int, latched: bool = False) -> QoSProfile:
+    """Reliable, keep-last ``depth``; ``latched``: transient local (a late subscriber gets the last)."""
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST, depth=depth, reliability=ReliabilityPolicy.RELIABLE,
+        durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE,
+    )
+
+
+STATUS_QOS = reliable_qos(1, latched=True)
+DIAGNOSTICS_QOS = reliable_qos(10)
 #: Topic of the diagnostics (absolute, as diagnostic_aggregator and rqt_robot_monitor expect).
 DIAGNOSTICS_TOPIC = "/diagnostics"
 

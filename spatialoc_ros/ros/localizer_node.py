@@ -49,7 +49,6 @@ import rclpy
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.time import Time
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
@@ -58,8 +57,8 @@ from visualization_msgs.msg import MarkerArray
 from spatialoc_ros.data.validation import validate_cells
 from spatialoc_ros.ros import conversions
 from spatialoc_ros.ros.instruction import check_instruction
-from spatialoc_ros.ros.lifecycle_base import COMMON_PARAMETERS, STATUS_QOS, SpatialocLifecycleNode, spin
-from spatialoc_ros.ros.params import ParamSpec
+from spatialoc_ros.ros.lifecycle_base import COMMON_PARAMETERS, STATUS_QOS, SpatialocLifecycleNode, reliable_qos, spin
+from spatialoc_ros.ros.params import ParamSpec, frame_problem
 from spatialoc_ros.msg import HypothesisArray, InstructionHints
 from spatialoc_ros.srv import GetMapCells
 
@@ -69,21 +68,12 @@ MAX_TOP_K = 100
 #: More structured hints than ten times this in one message are refused unread.
 MAX_STRUCTURED_HINTS = 12
 
-#: Deep enough that a burst reaches the node and is counted; the node's own bounded queue
-#: (queue_size) then decides what is kept.
-INSTRUCTION_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.VOLATILE,
-)
-OUTPUT_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.VOLATILE,
-)
+#: Instructions: deep enough that a burst reaches the node and is counted; the node's own bounded
+#: queue (queue_size) then decides what is kept.
+INSTRUCTION_QOS = reliable_qos(100)
+OUTPUT_QOS = reliable_qos(10)
 #: The pose is latched like AMCL's amcl_pose: a late subscriber still gets the last estimate.
-POSE_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.TRANSIENT_LOCAL,
-)
+POSE_QOS = reliable_qos(1, latched=True)
 __all__ = ["INSTRUCTION_QOS", "OUTPUT_QOS", "POSE_QOS", "STATUS_QOS", "PARAMETERS", "LocalizerNode", "main"]
 
 
@@ -108,15 +98,6 @@ def _service_name_problem(value: Any) -> Optional[str]:
     return None
 
 
-def _name_problem(name: str, allow_empty: bool):
-    def check(value: Any) -> Optional[str]:
-        text = str(value)
-        if (not allow_empty and not text.strip()) or any(c.isspace() for c in text):
-            return f"{name} must be a {'' if allow_empty else 'non-empty '}name without spaces, got {value!r}"
-        return None
-    return check
-
-
 #: Every parameter of the node (one source of truth: config/localizer.yaml mirrors these).
 PARAMETERS: dict[str, ParamSpec] = {
     "coarse_checkpoint": ParamSpec(
@@ -133,7 +114,7 @@ PARAMETERS: dict[str, ParamSpec] = {
     "frame_id": ParamSpec(
         "", "Frame of the published poses and markers. '' = the map server's frame (GetMapCells.frame_id); "
             "a non-empty value must agree with it, else activation fails.",
-        check=_name_problem("frame_id", allow_empty=True)),
+        check=lambda value: frame_problem(value, allow_empty=True)),
     "map_service": ParamSpec(
         "get_map_cells", "Name of the GetMapCells service to fetch the map from (relative names follow the "
                          "namespace).", check=_service_name_problem),
@@ -502,7 +483,7 @@ class LocalizerNode(SpatialocLifecycleNode):
     def _fetch_and_embed(self, reason: str, wait_s: Optional[float] = None) -> str:
         """Fetch, validate and embed the map; the current map stays on any failure."""
         cells, frame = self._fetch_cells(self.cfg.service_wait_s if wait_s is None else wait_s)
-        if not frame.strip() or any(c.isspace() for c in frame):
+        if frame_problem(frame) is not None:
             raise MapUnavailable(f"the map service names no usable frame_id ({frame!r}); set the map_server's frame_id")
         if self.cfg.frame_id and self.cfg.frame_id != frame:
             raise MapUnavailable(

@@ -32,7 +32,6 @@ from typing import Any, Optional
 
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rcl_interfaces.msg import ParameterDescriptor
 from visualization_msgs.msg import MarkerArray
 
@@ -42,29 +41,17 @@ from spatialoc_ros.data.loading import DataFormatError
 from spatialoc_ros.data.safe_pickle import UnsafePickleError
 from spatialoc_ros.data.validation import validate_cells
 from spatialoc_ros.ros import conversions
-from spatialoc_ros.ros.lifecycle_base import COMMON_PARAMETERS, SpatialocLifecycleNode, spin
-from spatialoc_ros.ros.params import ParamSpec
+from spatialoc_ros.ros.lifecycle_base import COMMON_PARAMETERS, SpatialocLifecycleNode, reliable_qos, spin
+from spatialoc_ros.ros.params import ParamSpec, frame_problem
 from spatialoc_ros.srv import GetMapCells
 
 NODE_NAME = "map_server"
 #: Transient-local, depth 1: late subscribers (rviz) still get the map once.
-MAP_MARKERS_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST,
-    depth=1,
-    reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.TRANSIENT_LOCAL,
-)
+MAP_MARKERS_QOS = reliable_qos(1, latched=True)
 
 
 def _split_problem(value: Any) -> Optional[str]:
     return None if value in SPLITS else f"split must be one of {sorted(SPLITS)}, got {value!r}"
-
-
-def _frame_problem(value: Any) -> Optional[str]:
-    text = str(value)
-    if not text.strip() or any(c.isspace() for c in text):
-        return f"frame_id must be a non-empty name without spaces, got {value!r}"
-    return None
 
 
 #: Every parameter of the node but ``scenes`` (a string array, declared by type: an empty list has
@@ -82,7 +69,7 @@ PARAMETERS: dict[str, ParamSpec] = {
     "min_objects": ParamSpec(6, "Cells cut from cloud_path with fewer objects are dropped.", 1, 1000),
     "frame_id": ParamSpec(
         "map", "Frame of the cells' world coordinates: the map markers, and the frame the localizer "
-               "publishes in (it reads it from get_map_cells).", check=_frame_problem),
+               "publishes in (it reads it from get_map_cells).", check=frame_problem),
     "max_marker_cells": ParamSpec(2000, "At most this many cell outlines in map_markers.", 0, 1_000_000),
     "max_marker_objects": ParamSpec(20000, "At most this many object centroids in map_markers.", 0, 10_000_000),
 }

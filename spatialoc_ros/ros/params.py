@@ -94,3 +94,11 @@ def refusal(specs: dict[str, ParamSpec], params) -> Optional[str]:
         if why is not None:
             return why
     return None
+
+
+def frame_problem(value: Any, allow_empty: bool = False) -> Optional[str]:
+    """Why ``value`` cannot be a tf frame id (empty unless ``allow_empty``, or with whitespace), or None."""
+    text = str(value)
+    if (not allow_empty and not text.strip()) or any(c.isspace() for c in text):
+        return f"frame_id must be a {'' if allow_empty else 'non-empty '}name without spaces, got {value!r}"
+    return None
