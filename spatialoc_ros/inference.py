@@ -164,6 +164,27 @@ class Hypothesis:
     cov_xy: np.ndarray
     pos_in_cell: np.ndarray
     bbox_w: np.ndarray
+    probability: float = float("nan")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One position a robot can act on (world metres, map frame), from :meth:`Localizer.estimate`.
+
+    ``mean_xy`` (2,) and ``cov_xy`` (2, 2) in m^2: by default the moment-matched Gaussian of the
+    mixture of the hypotheses of the top cell's scene weighted by their probabilities, so the
+    covariance covers the retrieval ambiguity as well as the in-cell uncertainty; with
+    ``covariance='top'`` the top hypothesis alone. ``confidence``: the calibrated probability that
+    the top cell is the right one. ``hypotheses``: best first, each with its ``probability``.
+    ``scene``: the scene of the top cell (the mixture never mixes scenes' coordinates).
+    """
+
+    mean_xy: np.ndarray
+    cov_xy: np.ndarray
+    confidence: float
+    hypotheses: tuple
+    scene: str
+    covariance: str = "mixture"
 
 
 # --- helpers on the models' dataclasses of tensors ------------------------------------------------
@@ -208,6 +229,28 @@ def safe_covariance(cov: np.ndarray) -> np.ndarray:
     return 0.5 * (out + out.T)
 
 
+#: How :meth:`Localizer.estimate` forms the published covariance.
+COVARIANCE_MODES: tuple[str, ...] = ("mixture", "top")
+
+
+def moment_match(weights: np.ndarray, means: np.ndarray, covs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Gaussian with the mean and covariance of a Gaussian mixture.
+
+    weights (K,) >= 0 (normalised here), means (K, 2), covs (K, 2, 2) -> mean (2,), cov (2, 2):
+    sum_k w_k mu_k and sum_k w_k (Sigma_k + (mu_k - mu)(mu_k - mu)^T).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"mixture weights must be finite, non-negative and not all zero, got {w.tolist()}")
+    w = w / w.sum()
+    means = np.asarray(means, dtype=np.float64)
+    covs = np.asarray(covs, dtype=np.float64)
+    mean = w @ means
+    d = means - mean
+    cov = np.einsum("k,kij->ij", w, covs) + np.einsum("k,ki,kj->ij", w, d, d)
+    return mean, safe_covariance(cov)
+
+
 @dataclass
 class FinePrediction:
     """Fine-stage output for B (query, cell) pairs, cell units: mean (B, 2), covariance (B, 2, 2)."""
@@ -239,6 +282,8 @@ class Localizer:
         preselect_above: int = PRESELECT_ABOVE,
         text_encoders: Optional[dict] = None,
         min_hints: int = MIN_HINTS,
+        relation_weight: float = 0.0,
+        temperature: float = 1.0,
     ) -> None:
         if coarse_model is None and fine_model is None:
             raise ValueError("a Localizer needs a coarse model, a fine model or both")
@@ -256,6 +301,15 @@ class Localizer:
         if not (math.isfinite(sigma_scale) and lo <= sigma_scale <= hi):
             raise ValueError(f"sigma_scale must be a finite number in {lo:g}..{hi:g}, got {sigma_scale}")
         self.sigma_scale = float(sigma_scale)
+        for name, value in (("relation_weight", relation_weight), ("temperature", temperature)):
+            lo, hi = EXTRA_RANGES[name][1:]
+            if not (math.isfinite(value) and lo <= value <= hi):
+                raise ValueError(f"{name} must be a finite number in {lo:g}..{hi:g}, got {value}")
+        #: Weight of the geometric hint-binding level added to the learned levels' combined score.
+        self.relation_weight = float(relation_weight)
+        #: Temperature turning combined scores into cell probabilities (softmax over the ranked cells).
+        self.temperature = float(temperature)
+        self._relations = None  # CellRelations of the map (geometric level), when relation_weight > 0
         #: Non-finite model outputs seen so far, by kind ('cell_embedding', 'score', 'hypothesis').
         self.nonfinite: collections.Counter = collections.Counter()
         self.batch_size = int(batch_size)
@@ -296,6 +350,8 @@ class Localizer:
         fine, fcfg, fextra = load_checkpoint(fine_path, "fine", dev)
         kwargs.setdefault("max_tokens", int((cextra or {}).get("max_tokens", 32)))
         kwargs.setdefault("sigma_scale", float((fextra or {}).get("sigma_scale", 1.0)))
+        for key, default in (("relation_weight", 0.0), ("temperature", 1.0)):
+            kwargs.setdefault(key, float((cextra or {}).get(key, default)))
         loc = cls(coarse, ccfg, fine, fcfg, device=dev, text_model=text_model,
                   fixed_embedding=fixed_embedding, **kwargs)
         loc.device_note = note
@@ -387,6 +443,12 @@ class Localizer:
                 index = _take(index, keep)
                 cells = [cells[i] for i in keep.tolist()]
                 ids = [c.id for c in cells]
+        relations = None
+        if self.coarse is not None and self.relation_weight > 0:
+            from spatialoc_ros.models.geometry import cell_relations
+
+            relations = cell_relations(cells, max_objects=self.coarse_cfg.max_objects).to(self.device)
+        self._relations = relations
         self._cells = cells
         self._id_to_index = {cid: i for i, cid in enumerate(ids)}
         self._bbox = np.stack([np.asarray(c.bbox_w, dtype=np.float64) for c in cells])
@@ -399,6 +461,7 @@ class Localizer:
         """Forget the map and its embedding (a deactivated node holds none)."""
         self._cells = None
         self._index = None
+        self._relations = None
         self._fine_cache = {}
 
     # --- text ----------------------------------------------------------------------------------
@@ -406,17 +469,36 @@ class Localizer:
         return self._hint_encoders[stage].batch(hints, self.device)
 
     # --- retrieval ---------------------------------------------------------------------------------
+    def _with_relations(self, scores: torch.Tensor, hints: Sequence, cells=None) -> torch.Tensor:
+        """Add the geometric hint-binding level (weight ``relation_weight``) to combined scores
+        (B, N) of the map cells ``cells`` (indices; None = all)."""
+        if self._relations is None or self.relation_weight <= 0:
+            return scores
+        from spatialoc_ros.models.geometry import binding_scores
+
+        rel = self._relations if cells is None else self._relations.index(cells)
+        geo = torch.stack([binding_scores(h, rel) for h in hints]).to(scores.dtype)
+        return scores + self.relation_weight * geo
+
+    def _top(self, scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k indices, scores and calibrated probabilities (softmax at ``temperature`` over all
+        rankable cells of the row) of (B, N) scores."""
+        top = torch.topk(scores, k, dim=1)
+        logp = torch.log_softmax(scores.double() / self.temperature, dim=1)
+        prob = torch.gather(logp, 1, top.indices).exp()
+        return top.indices.cpu().numpy(), top.values.float().cpu().numpy(), prob.cpu().numpy()
+
     @torch.no_grad()
-    def _retrieve(self, text_emb, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k cell indices and combined scores for a batch of encoded queries: (B, k) each."""
+    def _retrieve(self, text_emb, top_k: int, hints: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k cell indices, combined scores and probabilities for a batch of encoded queries
+        (B, k) each; ``hints``: the B queries' hints (for the geometric level)."""
         n = self.num_cells
         k = min(top_k, n)
         if n > self.preselect_above and self.preselect_top < n:
-            return self._retrieve_preselect(text_emb, k)
+            return self._retrieve_preselect(text_emb, k, hints)
         sims = self.coarse.similarity(text_emb, self._index)  # {level: (B, N)}
-        scores = self._rankable(self.coarse.combined_scores(sims))  # (B, N)
-        top = torch.topk(scores, k, dim=1)
-        return top.indices.cpu().numpy(), top.values.float().cpu().numpy()
+        scores = self._rankable(self._with_relations(self.coarse.combined_scores(sims), hints))  # (B, N)
+        return self._top(scores, k)
 
     def _rankable(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` with non-finite entries counted, logged and ranked last (as -inf): a cell
@@ -429,18 +511,19 @@ class Localizer:
             scores = scores.masked_fill(bad, float("-inf"))
         return scores
 
-    def _retrieve_preselect(self, text_emb, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _retrieve_preselect(self, text_emb, k: int, hints: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         glob = text_emb.global_ @ self._index.global_.T  # (B, N)
         cand = torch.topk(glob, max(self.preselect_top, k), dim=1).indices  # (B, M)
-        idx_out, val_out = [], []
+        idx_out, val_out, prob_out = [], [], []
         for b in range(cand.shape[0]):
             sub = _take(self._index, cand[b])
             sims = self.coarse.similarity(_take(text_emb, slice(b, b + 1)), sub)
-            scores = self._rankable(self.coarse.combined_scores(sims))[0]  # (M,)
-            top = torch.topk(scores, k)
-            idx_out.append(cand[b][top.indices].cpu().numpy())
-            val_out.append(top.values.float().cpu().numpy())
-        return np.stack(idx_out), np.stack(val_out)
+            scores = self._rankable(self._with_relations(self.coarse.combined_scores(sims), hints[b:b + 1], cand[b]))
+            top, val, prob = self._top(scores, k)  # (1, k) each
+            idx_out.append(cand[b].cpu().numpy()[top[0]])
+            val_out.append(val[0])
+            prob_out.append(prob[0])
+        return np.stack(idx_out), np.stack(val_out), np.stack(prob_out)
 
     # --- fine --------------------------------------------------------------------------------------
     def _fine_cells(self, cell_indices: Sequence[int]):
@@ -479,12 +562,14 @@ class Localizer:
         cov = torch.cat(covs).numpy().astype(np.float64).reshape(B, K, 2, 2) * self.sigma_scale**2
         return FinePrediction(mean, cov)
 
-    def _hypotheses(self, idx_row, score_row, mean_row, cov_row, retrieved: bool = True) -> list[Hypothesis]:
+    def _hypotheses(self, idx_row, score_row, mean_row, cov_row, retrieved: bool = True,
+                    prob_row=None) -> list[Hypothesis]:
         """Hypotheses of one query; non-finite ones are counted, logged and left out; raises
         NonFiniteOutputError when none is left."""
         out = []
         left_out = 0
-        for i, s, mu, cov in zip(idx_row, score_row, mean_row, cov_row):
+        probs = [float("nan")] * len(idx_row) if prob_row is None else prob_row
+        for i, s, mu, cov, p in zip(idx_row, score_row, mean_row, cov_row, probs):
             i = int(i)
             size = self._size[i]
             if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(cov)) and (math.isfinite(s) or not retrieved)):
@@ -500,6 +585,7 @@ class Localizer:
                 cov_xy=cov_m,
                 pos_in_cell=np.asarray(mu, dtype=np.float64).copy(),
                 bbox_w=self._bbox[i].copy(),
+                probability=float(p),
             ))
         if left_out:
             self.nonfinite["hypothesis"] += left_out
@@ -518,6 +604,41 @@ class Localizer:
         same reading :meth:`localize` uses. Pure and thread-safe (no model is run)."""
         return understand(query, self.min_hints)
 
+    def estimate(self, query: Query, top_k: int = 5, covariance: str = "mixture") -> Estimate:
+        """One position estimate for ``query`` (see :class:`Estimate`): the top ``top_k``
+        hypotheses with their calibrated cell probabilities, combined into one Gaussian.
+
+        ``covariance='mixture'`` (default): the moment-matched Gaussian of the hypotheses of the top
+        cell's scene, weighted by their probabilities (renormalised over those hypotheses), so a
+        doubt between distant cells shows as a wide covariance; ``'top'``: the top hypothesis alone.
+        """
+        return self.estimate_many([query], top_k, covariance)[0]
+
+    def estimate_many(self, queries: Sequence[Query], top_k: int = 5, covariance: str = "mixture",
+                      progress: bool = False) -> list[Estimate]:
+        """:meth:`estimate` for many queries, batched."""
+        if covariance not in COVARIANCE_MODES:
+            raise ValueError(f"covariance must be one of {COVARIANCE_MODES}, got {covariance!r}")
+        return [self.combine(h, covariance) for h in self.localize_many(queries, top_k, progress=progress)]
+
+    @staticmethod
+    def combine(hypotheses: Sequence[Hypothesis], covariance: str = "mixture") -> Estimate:
+        """The :class:`Estimate` of a ranked hypothesis list (best first, probabilities set)."""
+        if not hypotheses:
+            raise ValueError("no hypothesis to combine")
+        top = hypotheses[0]
+        confidence = float(top.probability)
+        if not math.isfinite(confidence):
+            raise ValueError("the hypotheses carry no probabilities (cells given, not retrieved)")
+        if covariance == "top":
+            mean, cov = top.mean_xy.copy(), top.cov_xy.copy()
+        else:
+            same = [h for h in hypotheses if h.scene == top.scene]
+            mean, cov = moment_match(np.array([h.probability for h in same]),
+                                     np.stack([h.mean_xy for h in same]), np.stack([h.cov_xy for h in same]))
+        return Estimate(mean_xy=mean, cov_xy=cov, confidence=confidence, hypotheses=tuple(hypotheses),
+                        scene=top.scene, covariance=covariance)
+
     def localize(self, query: Query, top_k: int = 5) -> list[Hypothesis]:
         """The top_k hypotheses for one query, best first (see the module docstring). ``query``:
         free text ("I'm on the sidewalk, a gray building is east of me ..."), a ParsedInstruction or
@@ -532,7 +653,10 @@ class Localizer:
             raise ValueError("this Localizer has no coarse model: use predict_in_cells")
         if int(top_k) < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        hints = [parse_query(t, self.min_hints) for t in texts]
+        from spatialoc_ros.language import render_hints
+
+        parsed = [understand(t, self.min_hints).hints for t in texts]
+        hints = [render_hints(p) for p in parsed]
         timings = {"text_ms": 0.0, "retrieval_ms": 0.0, "fine_ms": 0.0}
         results: list[list[Hypothesis]] = []
         bs = max(self.batch_size, 1)
@@ -544,7 +668,7 @@ class Localizer:
             hb_fine = self._hint_batch("fine", chunk) if self.fine is not None else None
             _sync(self.device)
             t1 = time.perf_counter()
-            idx, scores = self._retrieve(text_emb, int(top_k))
+            idx, scores, probs = self._retrieve(text_emb, int(top_k), parsed[start:start + bs])
             _sync(self.device)
             t2 = time.perf_counter()
             pred = self._predict_fine(hb_fine, idx)
@@ -554,7 +678,7 @@ class Localizer:
             timings["retrieval_ms"] += 1e3 * (t2 - t1)
             timings["fine_ms"] += 1e3 * (t3 - t2)
             for b in range(len(chunk)):
-                results.append(self._hypotheses(idx[b], scores[b], pred.mean[b], pred.cov[b]))
+                results.append(self._hypotheses(idx[b], scores[b], pred.mean[b], pred.cov[b], prob_row=probs[b]))
         self.timings = timings
         return results
 
@@ -564,13 +688,41 @@ class Localizer:
         self._require_map()
         if self.coarse is None:
             raise ValueError("this Localizer has no coarse model")
-        hints = [parse_query(t, self.min_hints) for t in texts]
+        from spatialoc_ros.language import render_hints
+
+        parsed = [understand(t, self.min_hints).hints for t in texts]
+        hints = [render_hints(p) for p in parsed]
         out = []
         bs = max(self.batch_size, 1)
         for start in tqdm(range(0, len(hints), bs), desc="retrieving", disable=not progress, unit="batch"):
             text_emb = self.coarse.encode_text(self._hint_batch("coarse", hints[start:start + bs]))
-            out.append(self._retrieve(text_emb, int(top_k))[0])
+            out.append(self._retrieve(text_emb, int(top_k), parsed[start:start + bs])[0])
         return np.concatenate(out, axis=0)
+
+    @torch.no_grad()
+    def score_levels(self, queries: Sequence[Query], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of every map cell for each query, before the relation weight is applied:
+        (learned (Q, N): the learned levels' combined score, geometric (Q, N): the hint-binding
+        share in [0, 1]). The ranking score is ``learned + relation_weight * geometric``. For
+        calibration and analysis; computes the geometry of the map when it was not kept."""
+        self._require_map()
+        if self.coarse is None:
+            raise ValueError("this Localizer has no coarse model")
+        from spatialoc_ros.language import render_hints
+        from spatialoc_ros.models.geometry import binding_scores, cell_relations
+
+        rel = self._relations
+        if rel is None:
+            rel = cell_relations(self._cells, max_objects=self.coarse_cfg.max_objects).to(self.device)
+        parsed = [understand(t, self.min_hints).hints for t in queries]
+        learned, geo = [], []
+        bs = max(self.batch_size, 1)
+        for start in tqdm(range(0, len(parsed), bs), desc="scoring", disable=not progress, unit="batch"):
+            chunk = parsed[start:start + bs]
+            text_emb = self.coarse.encode_text(self._hint_batch("coarse", [render_hints(h) for h in chunk]))
+            learned.append(self.coarse.combined_scores(self.coarse.similarity(text_emb, self._index)).double().cpu())
+            geo.append(torch.stack([binding_scores(h, rel) for h in chunk]).double().cpu())
+        return torch.cat(learned).numpy(), torch.cat(geo).numpy()
 
     @torch.no_grad()
     def predict_in_cells(self, texts: Sequence[str], cell_ids: Sequence[str], progress: bool = False) -> list[Hypothesis]:

@@ -13,21 +13,25 @@ from spatialoc_ros.inference import Hypothesis, Localizer, resolve_device
 TINY = dict(num_points=8, max_objects=12, pointnet_dim=16, dropout=0.0)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """Random-initialised tiny coarse and fine checkpoints (seeded)."""
+def write_tiny_checkpoints(folder, sigma_scale: float = 1.5) -> tuple[str, str]:
+    """Random-initialised tiny coarse and fine checkpoints (seeded) in ``folder``."""
     from spatialoc_ros.models.builder import build_coarse_model, build_fine_model
     from spatialoc_ros.models.checkpoint import save_checkpoint
     from spatialoc_ros.models.config import CoarseConfig, FineConfig
 
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("ckpt")
     ccfg = CoarseConfig(embed_dim=16, num_hidden_layers=1, num_heads=2, beose_dim=8, bezier_samples=2, **TINY)
     fcfg = FineConfig(embed_dim=16, num_layers=1, num_heads=2, **TINY)
     coarse, fine = str(folder / "coarse.pth"), str(folder / "fine.pth")
     save_checkpoint(coarse, build_coarse_model(ccfg, 384), ccfg, "coarse", {"max_tokens": 24})
-    save_checkpoint(fine, build_fine_model(fcfg, 384), fcfg, "fine", {"max_tokens": 24, "sigma_scale": 1.5})
+    save_checkpoint(fine, build_fine_model(fcfg, 384), fcfg, "fine", {"max_tokens": 24, "sigma_scale": sigma_scale})
     return coarse, fine
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Random-initialised tiny coarse and fine checkpoints (seeded)."""
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")

@@ -92,11 +92,24 @@ def test_pose_arrives_in_the_map_frame_with_a_valid_covariance(graph):
     scores = [h.score for h in detail.hypotheses]
     assert scores == sorted(scores, reverse=True)
     top = detail.hypotheses[0]
-    assert (top.pose.pose.position.x, top.pose.pose.position.y) == (pose.pose.pose.position.x, pose.pose.pose.position.y)
     bbox = np.asarray(top.cell_bbox_w)
-    np.testing.assert_allclose(  # the published mean is the cell-normalised one mapped to the world
+    np.testing.assert_allclose(  # each hypothesis mean is its cell-normalised one mapped to the world
         bbox[0:2] + np.asarray(top.pos_in_cell) * (bbox[3] - bbox[0]),
-        [pose.pose.pose.position.x, pose.pose.pose.position.y], atol=1e-6)
+        [top.pose.pose.position.x, top.pose.pose.position.y], atol=1e-6)
+    # the published pose is the estimate: the probability-weighted mixture of the top scene's hypotheses
+    probs = [h.probability for h in detail.hypotheses]
+    assert probs == sorted(probs, reverse=True) and all(0 < p <= 1 for p in probs) and sum(probs) <= 1 + 1e-9
+    assert detail.confidence == top.probability and detail.pose_published and detail.covariance_mode == "mixture"
+    same = [h for h in detail.hypotheses if h.scene == top.scene]
+    w = np.array([h.probability for h in same])
+    mix = (w[:, None] * np.array([[h.pose.pose.position.x, h.pose.pose.position.y] for h in same])).sum(0) / w.sum()
+    np.testing.assert_allclose([pose.pose.pose.position.x, pose.pose.pose.position.y], mix, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pose.pose.covariance), np.asarray(detail.estimate.covariance))
+    # the mixture covers its components: never tighter than their probability-weighted covariance
+    from spatialoc_ros.ros.conversions import covariance_xy_of
+
+    inner = sum(wk * covariance_xy_of(h.pose.covariance) for wk, h in zip(w / w.sum(), same))
+    assert np.linalg.eigvalsh(cov[0:2, 0:2] - inner).min() > -1e-6
 
     namespaces = {m.ns for m in markers.markers}
     assert {"cells", "ellipse", "scores"} <= namespaces
@@ -127,6 +140,11 @@ def test_answer_matches_the_inference_api(graph, checkpoints):
         np.testing.assert_allclose([got.pose.pose.position.x, got.pose.pose.position.y], want.mean_xy, atol=1e-3)
         np.testing.assert_allclose(covariance_xy_of(got.pose.covariance), want.cov_xy, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got.pos_in_cell, want.pos_in_cell, atol=1e-6)
+        assert got.probability == pytest.approx(want.probability, rel=1e-4, abs=1e-6)
+    est = Localizer.combine(expected, "mixture")
+    assert detail.confidence == pytest.approx(est.confidence, rel=1e-4, abs=1e-6)
+    np.testing.assert_allclose([detail.estimate.pose.position.x, detail.estimate.pose.position.y], est.mean_xy, atol=1e-3)
+    np.testing.assert_allclose(covariance_xy_of(detail.estimate.covariance), est.cov_xy, rtol=1e-3, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- bad instructions
@@ -250,6 +268,29 @@ def test_parameter_changes_are_validated(graph):
         probe.set_localizer_parameter("top_k", TOP_K)
 
 
+def test_min_confidence_suppresses_the_pose_but_not_the_hypotheses(graph):
+    probe = graph.probe
+    assert not probe.set_localizer_parameter("min_confidence", 1.5).successful
+    assert not probe.set_localizer_parameter("covariance", "widest").successful
+    try:
+        assert probe.set_localizer_parameter("min_confidence", 1.0).successful
+        assert probe.set_localizer_parameter("covariance", "top").successful
+        text = f"{VALID_TEXT} The pose is south of a black pole."
+        poses_before = len(probe.poses)
+        probe.send(text)
+        assert probe.spin_until(lambda: any(d.instruction == " ".join(text.split()) for d in probe.details), 60)
+        detail = [d for d in probe.details if d.instruction == " ".join(text.split())][-1]
+        assert not detail.pose_published and 0 < detail.confidence < 1.0 and detail.covariance_mode == "top"
+        assert len(detail.hypotheses) == TOP_K
+        probe.spin_until(lambda: len(probe.poses) > poses_before, 2.0)
+        assert len(probe.poses) == poses_before  # no pose went out for it
+        np.testing.assert_array_equal(np.asarray(detail.estimate.covariance),
+                                      np.asarray(detail.hypotheses[0].pose.covariance))
+    finally:
+        probe.set_localizer_parameter("min_confidence", 0.0)
+        probe.set_localizer_parameter("covariance", "mixture")
+
+
 def test_parameter_ranges_are_in_the_descriptors(graph):
     """What `ros2 param describe` shows: the ranges live in the descriptors, not only in code."""
     from rcl_interfaces.srv import DescribeParameters
@@ -311,7 +352,7 @@ def test_demo_client_against_the_running_nodes(graph, small_city, tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert png.is_file() and png.stat().st_size > 10_000
-    for needle in ("true position", "predicted pose", "error", "2-sigma radius", "ros2 topic pub --once /spatialoc/instruction"):
+    for needle in ("true position", "published pose", "confidence", "error", "2-sigma radius", "ros2 topic pub --once /spatialoc/instruction"):
         assert needle in run.stdout
 
 

@@ -76,6 +76,10 @@ def test_training_writes_checkpoints_and_metrics(runs):
     _, cfg, extra = load_checkpoint(str(runs / "checkpoints" / "fine_run" / "best.pth"), "fine", "cpu")
     assert cfg.regressor_cell == "all" and cfg.fine_loss == "nll"
     assert extra["sigma_scale"] > 0 and "val_calibrated" in extra
+    # coarse training ends with the retrieval calibration on val (relation weight, temperature)
+    _, _, extra = load_checkpoint(str(runs / "checkpoints" / "coarse_run" / "best.pth"), "coarse", "cpu")
+    assert extra["relation_weight"] >= 0 and extra["temperature"] > 0
+    assert extra["calibration"]["val_recall@1"] >= extra["calibration"]["val_recall@1_learned_only"]
 
 
 def test_pipeline_and_coarse_evaluation(runs, small_city):
@@ -103,7 +107,14 @@ def test_pipeline_and_coarse_evaluation(runs, small_city):
     assert gt["coverage"]["1"] <= gt["coverage"]["2"] <= gt["coverage"]["3"]
     for png in res["plots"]:
         assert Path(png).is_file()
-    assert len(res["plots"]) == 2
+    assert len(res["plots"]) == 3 and res["plots"][-1].endswith("reliability.png")
+    # the estimate, the confidence, the baseline, the flip control and the hint-count split
+    est = res["estimate"]
+    assert est["n"] == res["num_queries"] and 0 <= est["ece"] <= 1
+    assert est["coverage"]["1"] <= est["coverage"]["2"] <= est["coverage"]["3"]
+    assert set(res["baseline_bag_of_objects"]["coarse_recall"]) == {"1", "3", "5"}
+    assert 0 <= res["flip_control"]["coarse_recall"]["1"] <= 1
+    assert set(res["by_hint_count"]) == {"3", "4", "5", "6"}
 
     out = runs / "coarse.json"
     _run("spatialoc_ros.evaluation.coarse", [

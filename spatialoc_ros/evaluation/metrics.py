@@ -180,3 +180,60 @@ def format_calibration(summary: dict, title: str) -> str:
         f"{'':4}mean NLL {summary['mean_nll']:.3f} (m), mean error {summary['mean_error']:.2f} m, "
         f"median error {summary['median_error']:.2f} m"
     )
+
+
+#: Bins of the expected calibration error and of the reliability diagram.
+CONFIDENCE_BINS = 10
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = CONFIDENCE_BINS) -> dict:
+    """Reliability of a confidence in [0, 1] against 0/1 outcomes, over ``bins`` equal-width bins.
+
+    Returns {'ece': sum_b n_b / n * |acc_b - conf_b|, 'bins': [{'low', 'high', 'n', 'confidence',
+    'accuracy'}, ...]} (empty bins have n = 0 and NaN means).
+    """
+    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    ok = np.asarray(correct, dtype=np.float64).reshape(-1)
+    if conf.shape != ok.shape or conf.size == 0:
+        raise ValueError(f"need as many confidences as outcomes (> 0), got {conf.size} and {ok.size}")
+    if not np.all(np.isfinite(conf)) or np.any(conf < 0) or np.any(conf > 1):
+        raise ValueError("confidences must be finite and in [0, 1]")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        sel = which == b
+        n = int(sel.sum())
+        c = float(conf[sel].mean()) if n else float("nan")
+        a = float(ok[sel].mean()) if n else float("nan")
+        if n:
+            ece += n / conf.size * abs(a - c)
+        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": n, "confidence": c, "accuracy": a})
+    return {"ece": float(ece), "bins": rows}
+
+
+def auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` separating positives from negatives (ties count
+    half); NaN when one class is absent. A constant score gives 0.5."""
+    s = np.asarray(score, dtype=np.float64).reshape(-1)
+    y = np.asarray(positive, dtype=bool).reshape(-1)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # average ranks over ties (1-based)
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def gaps_over_baseline(recall: dict[int, float], baseline: dict[int, float]) -> dict[int, float]:
+    """recall@k - baseline recall@k for every k of both."""
+    return {k: float(recall[k] - baseline[k]) for k in sorted(recall) if k in baseline}

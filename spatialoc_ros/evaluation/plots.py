@@ -98,3 +98,29 @@ def plot_scene_map(
 def ensure_dir(path: str) -> str:
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def plot_reliability(rel: dict, path: str, title: str = "") -> str:
+    """Reliability diagram of :func:`spatialoc_ros.evaluation.metrics.reliability`: accuracy
+    against confidence per bin (bar width = bin), the diagonal, and the bin counts."""
+    bins = rel["bins"]
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    centres = np.array([(b["low"] + b["high"]) / 2 for b in bins])
+    width = bins[0]["high"] - bins[0]["low"]
+    acc = np.array([b["accuracy"] if b["n"] else 0.0 for b in bins])
+    conf = np.array([b["confidence"] if b["n"] else np.nan for b in bins])
+    ax.bar(centres, acc, width=width * 0.95, color="tab:blue", alpha=0.7, label="share right")
+    ax.plot(conf, acc, "o", color="tab:red", ms=4, label="mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_ylabel("share of top cells that are right")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    ax.set_title(title or f"Reliability of the confidence (ECE {rel['ece']:.3f})")
+    axn.bar(centres, [b["n"] for b in bins], width=width * 0.95, color="0.5")
+    axn.set_xlabel("confidence (probability that the top cell is right)")
+    axn.set_ylabel("answers")
+    axn.set_xlim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -27,6 +27,8 @@ _PRIMITIVES = (str, int, float, bool, type(None))
 EXTRA_RANGES: dict[str, tuple[type, float, float]] = {
     "sigma_scale": (float, 1e-2, 1e2),
     "max_tokens": (int, 1, 512),
+    "relation_weight": (float, 0.0, 1e2),
+    "temperature": (float, 1e-3, 1e3),
 }
 
 

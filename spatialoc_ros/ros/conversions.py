@@ -349,6 +349,7 @@ def hypothesis_to_msg(hyp, rank: int) -> HypothesisMsg:
     msg.scene = str(hyp.scene)
     msg.rank = int(rank)
     msg.score = float(hyp.score)
+    msg.probability = float(hyp.probability) if math.isfinite(float(hyp.probability)) else 0.0
     msg.pose = gaussian_to_pose_with_covariance(hyp.mean_xy, hyp.cov_xy)
     msg.pos_in_cell = np.asarray(hyp.pos_in_cell, dtype=np.float64).reshape(2)
     msg.cell_bbox_w = np.asarray(hyp.bbox_w, dtype=np.float64).reshape(6)
@@ -361,15 +362,21 @@ def hypothesis_to_msg(hyp, rank: int) -> HypothesisMsg:
 
 def hypotheses_to_msg(
     hyps: Sequence, frame_id: str, stamp: Time, instruction: str = "", inference_ms: float = 0.0,
-    understood=None,
+    understood=None, estimate=None, pose_published: bool = True,
 ) -> HypothesisArray:
     """HypothesisArray of ``hyps`` (best first); ``understood`` (a ParsedInstruction) fills the
-    echo of what was read: the hints, the unread fragments with their reasons, one line."""
+    echo of what was read: the hints, the unread fragments with their reasons, one line;
+    ``estimate`` (an inference.Estimate) the confidence and the published estimate."""
     msg = HypothesisArray()
     msg.header = Header(frame_id=frame_id, stamp=stamp)
     msg.instruction = instruction
     msg.inference_ms = float(inference_ms)
     msg.hypotheses = [hypothesis_to_msg(h, i) for i, h in enumerate(hyps)]
+    msg.pose_published = bool(pose_published)
+    if estimate is not None:
+        msg.confidence = float(estimate.confidence)
+        msg.estimate = gaussian_to_pose_with_covariance(estimate.mean_xy, estimate.cov_xy)
+        msg.covariance_mode = str(estimate.covariance)
     if understood is not None:
         msg.understood = [hint_to_msg(h) for h in understood.hints]
         msg.unread = [f"'{f}' ({r})" for f, r in zip(understood.unread, understood.unread_reasons)]
@@ -440,28 +447,37 @@ def _square(bbox_w: np.ndarray, z: float) -> list[Point]:
     return [Point(x=x, y=y, z=z) for x, y in corners]
 
 
-def hypotheses_to_markers(hyps: Sequence, frame_id: str, stamp: Time, z: float = 0.2) -> MarkerArray:
-    """Markers of one answer: a DELETEALL, then the top-k cells as squares (ns 'cells'), the
-    top-1 2-sigma ellipse as a LINE_STRIP (ns 'ellipse'), the top-1 mean as a sphere (ns 'mean')
-    and one text per cell with rank and score (ns 'scores')."""
+def hypotheses_to_markers(hyps: Sequence, frame_id: str, stamp: Time, z: float = 0.2, estimate=None) -> MarkerArray:
+    """Markers of one answer: a DELETEALL, then the top-k cells as squares (ns 'cells', line
+    width and opacity growing with the cell's probability), each hypothesis's mean as a sphere
+    sized by its probability (ns 'hypotheses'), one text per cell with rank, probability and
+    score (ns 'scores'), and the published estimate (``estimate``, else the top-1 hypothesis): its
+    2-sigma ellipse as a LINE_STRIP (ns 'ellipse') and its mean as a sphere (ns 'mean')."""
     out = MarkerArray()
     out.markers.append(_delete_all(frame_id, stamp))
     for rank, hyp in enumerate(hyps):
+        p = float(hyp.probability) if math.isfinite(float(hyp.probability)) else 0.0
         square = _marker(Marker.LINE_STRIP, "cells", rank, frame_id, stamp)
-        square.scale.x = 0.6 if rank == 0 else 0.3
-        square.color = _color((0.1, 0.9, 0.1) if rank == 0 else (0.2, 0.6, 1.0), 1.0 if rank == 0 else 0.7)
+        square.scale.x = 0.2 + 0.8 * p
+        square.color = _color((0.1, 0.9, 0.1) if rank == 0 else (0.2, 0.6, 1.0), 0.3 + 0.7 * p)
         square.points = _square(hyp.bbox_w, z)
         out.markers.append(square)
+
+        dot = _marker(Marker.SPHERE, "hypotheses", rank, frame_id, stamp)
+        dot.pose.position = Point(x=float(hyp.mean_xy[0]), y=float(hyp.mean_xy[1]), z=z)
+        dot.scale.x = dot.scale.y = dot.scale.z = 0.5 + 2.5 * p
+        dot.color = _color((1.0, 0.6, 0.1), 0.4 + 0.6 * p)
+        out.markers.append(dot)
 
         text = _marker(Marker.TEXT_VIEW_FACING, "scores", rank, frame_id, stamp)
         bbox = np.asarray(hyp.bbox_w, dtype=np.float64)
         text.pose.position = Point(x=float(0.5 * (bbox[0] + bbox[3])), y=float(bbox[4]) + 1.5, z=z + 1.0)
         text.scale.z = 2.5
         text.color = _color((1.0, 1.0, 1.0))
-        text.text = f"#{rank + 1} {hyp.cell_id} score {float(hyp.score):.3f}"
+        text.text = f"#{rank + 1} {hyp.cell_id} p={p:.2f} score {float(hyp.score):.3f}"
         out.markers.append(text)
     if hyps:
-        top = hyps[0]
+        top = estimate if estimate is not None else hyps[0]
         ellipse = _marker(Marker.LINE_STRIP, "ellipse", 0, frame_id, stamp)
         ellipse.scale.x = 0.4
         ellipse.color = _color((1.0, 0.2, 0.2))

@@ -48,9 +48,10 @@ class DemoResult:
 
     @property
     def predicted_xy(self) -> Optional[np.ndarray]:
+        """The published estimate's mean (what `pose` carries)."""
         if self.answer is None or not self.answer.hypotheses:
             return None
-        p = self.answer.hypotheses[0].pose.pose.position
+        p = self.answer.estimate.pose.position
         return np.array([p.x, p.y])
 
     @property
@@ -61,7 +62,13 @@ class DemoResult:
     def cov_xy(self) -> Optional[np.ndarray]:
         if self.answer is None or not self.answer.hypotheses:
             return None
-        return conversions.covariance_xy_of(self.answer.hypotheses[0].pose.covariance)
+        return conversions.covariance_xy_of(self.answer.estimate.covariance)
+
+    @property
+    def radius_2sigma(self) -> float:
+        """Major semi-axis (m) of the published estimate's 2-sigma ellipse."""
+        cov = self.cov_xy
+        return float("nan") if cov is None else conversions.ellipse_axes(cov, 2.0)[0]
 
     @property
     def error_m(self) -> float:
@@ -169,15 +176,14 @@ def plot_demo(results: list[DemoResult], cells_by_scene: dict[str, list[Cell]], 
     from matplotlib.collections import LineCollection
 
     scenes = sorted({str(r.pose.scene_name) for r in results} | {r.predicted_scene for r in results if r.predicted_scene})
-    fig, axes = plt.subplots(1, len(scenes), figsize=(6 * len(scenes), 6), squeeze=False)
+    ncol = max(len(scenes), len(results))
+    fig, axes = plt.subplots(2, ncol, figsize=(4.5 * ncol, 9.5), squeeze=False)
+    for ax in list(axes[0][len(scenes):]) + list(axes[1][len(results):]):
+        ax.axis("off")
+    for ax, r, i in zip(axes[1], results, range(1, len(results) + 1)):
+        _zoom_panel(ax, r, i, cells_by_scene.get(str(r.pose.scene_name), []), LineCollection)
     for ax, scene in zip(axes[0], scenes):
-        outlines, centres, colors = [], [], []
-        for cell in cells_by_scene.get(scene, []):
-            b = np.asarray(cell.bbox_w, dtype=np.float64)
-            outlines.append(np.array([[b[0], b[1]], [b[3], b[1]], [b[3], b[4]], [b[0], b[4]], [b[0], b[1]]]))
-            for obj in cell.objects:
-                centres.append(b[0:2] + np.asarray(obj.get_center())[0:2] * float(cell.cell_size))
-                colors.append(conversions.class_color(obj.label))
+        outlines, centres, colors = _cell_drawing(cells_by_scene.get(scene, []))
         if outlines:
             ax.add_collection(LineCollection(outlines, colors="0.85", linewidths=0.5, zorder=1))
         if centres:
@@ -206,6 +212,64 @@ def plot_demo(results: list[DemoResult], cells_by_scene: dict[str, list[Cell]], 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return os.path.abspath(path)
+
+
+def _cell_drawing(cells: list, window=None) -> tuple[list, list, list]:
+    """(cell outlines, object centres, object colours) in world metres of the cells overlapping
+    ``window`` ((lo xy, hi xy); None = all)."""
+    outlines, centres, colors = [], [], []
+    for cell in cells:
+        b = np.asarray(cell.bbox_w, dtype=np.float64)
+        if window is not None:
+            lo, hi = window
+            if b[3] < lo[0] or b[0] > hi[0] or b[4] < lo[1] or b[1] > hi[1]:
+                continue
+        outlines.append(np.array([[b[0], b[1]], [b[3], b[1]], [b[3], b[4]], [b[0], b[4]], [b[0], b[1]]]))
+        for obj in cell.objects:
+            centres.append(b[0:2] + np.asarray(obj.get_center())[0:2] * float(cell.cell_size))
+            colors.append(conversions.class_color(obj.label))
+    return outlines, centres, colors
+
+
+#: Half width (m) of the zoomed panel drawn around each true position.
+ZOOM_HALF_WIDTH_M = 30.0
+
+
+def _zoom_panel(ax, r: DemoResult, number: int, cells: list, LineCollection) -> None:
+    """About 60 m around the true position: cells and objects, the top-k hypotheses as dots whose
+    size and opacity follow their probability, the published 2-sigma ellipse, the truth, the
+    confidence."""
+    t = np.asarray(r.pose.pose_w, dtype=np.float64)[0:2]
+    lo, hi = t - ZOOM_HALF_WIDTH_M, t + ZOOM_HALF_WIDTH_M
+    outlines, centres, colors = _cell_drawing(cells, (lo, hi))
+    if outlines:
+        ax.add_collection(LineCollection(outlines, colors="0.88", linewidths=0.5, zorder=1))
+    if centres:
+        xy = np.array(centres)
+        ax.scatter(xy[:, 0], xy[:, 1], s=6, c=np.array(colors), zorder=2)
+    title = f"#{number}: no answer"
+    if r.answer is not None and r.answer.hypotheses:
+        for h in r.answer.hypotheses:
+            if h.scene != str(r.pose.scene_name):
+                continue
+            p = h.pose.pose.position
+            ax.scatter(p.x, p.y, s=20 + 400 * h.probability, color="tab:orange", alpha=0.3 + 0.7 * h.probability,
+                       edgecolor="k", linewidth=0.5, zorder=4)
+            ax.annotate(f"{h.probability:.2f}", (p.x, p.y), xytext=(5, 3), textcoords="offset points", fontsize=7)
+        xy, cov = r.predicted_xy, r.cov_xy
+        if r.predicted_scene == str(r.pose.scene_name):
+            ring = conversions.ellipse_points(xy, cov, 2.0)
+            ax.plot(ring[:, 0], ring[:, 1], color="tab:red", lw=1.5, zorder=5)
+            ax.scatter(xy[0], xy[1], marker="x", s=70, color="tab:red", zorder=6)
+        err = r.error_m
+        where = f"error {err:.1f} m" if math.isfinite(err) else f"answered in scene {r.predicted_scene}"
+        title = f"#{number}: confidence {r.answer.confidence:.2f}, {where}"
+    ax.scatter(t[0], t[1], marker="*", s=200, color="tab:green", edgecolor="k", zorder=7)
+    ax.set_xlim(lo[0], hi[0])
+    ax.set_ylim(lo[1], hi[1])
+    ax.set_aspect("equal")
+    ax.set_title(title + "\n(dots: hypotheses by probability; red: published 2-sigma)", fontsize=8)
+    ax.set_xlabel("x (m)", fontsize=8)
 
 
 def _fmt_xy(xy) -> str:
@@ -251,11 +315,11 @@ def run(args: argparse.Namespace, node: DemoClient) -> int:
         xy = r.predicted_xy
         err = r.error_m
         err_text = f"{err:.1f} m" if math.isfinite(err) else f"wrong scene (predicted in {r.predicted_scene})"
-        print(f"    predicted pose      {_fmt_xy(xy)} m   cell {top.cell_id} (score {top.score:.3f})")
+        print(f"    published pose      {_fmt_xy(xy)} m   top cell {top.cell_id} (p {top.probability:.2f}); "
+              f"confidence {answer.confidence:.2f}")
         print(
-            f"    error {err_text}   2-sigma radius {top.ellipse_major_2sigma:.1f} m "
-            f"(ellipse {top.ellipse_major_2sigma:.1f} x {top.ellipse_minor_2sigma:.1f} m)   "
-            f"latency {latency:.0f} ms (inference {answer.inference_ms:.0f} ms)"
+            f"    error {err_text}   2-sigma radius {r.radius_2sigma:.1f} m ({answer.covariance_mode}; top cell alone "
+            f"{top.ellipse_major_2sigma:.1f} m)   latency {latency:.0f} ms (inference {answer.inference_ms:.0f} ms)"
         )
 
     answered = [r for r in results if r.answer is not None and r.answer.hypotheses]
@@ -268,7 +332,7 @@ def run(args: argparse.Namespace, node: DemoClient) -> int:
         same = errors[np.isfinite(errors)]
         inside = sum(
             1 for r in answered
-            if math.isfinite(r.error_m) and r.error_m <= r.answer.hypotheses[0].ellipse_major_2sigma
+            if math.isfinite(r.error_m) and r.error_m <= r.radius_2sigma
         )
         print(
             f"[demo_client] median error {np.median(same):.1f} m over {len(same)} answers in the right scene; "

@@ -21,9 +21,12 @@ the instruction was RECEIVED (so AMCL integrates the odometry of the time spent 
 inferring):
 
 - ``pose`` (geometry_msgs/PoseWithCovarianceStamped, transient local, depth 1, like AMCL's
-  ``amcl_pose``; remap it to ``/initialpose`` to seed AMCL): the top-1 mean in world metres,
-  z = 0, identity orientation, covariance 6x6 with the x-y block in m^2 and the unknown
-  z/roll/pitch/yaw variances set large;
+  ``amcl_pose``; remap it to ``/initialpose`` to seed AMCL): the estimate of
+  :meth:`spatialoc_ros.inference.Localizer.combine` in world metres, z = 0, identity orientation,
+  covariance 6x6 with the x-y block in m^2 (by default the moment-matched mixture of the top_k
+  hypotheses, so a doubt between cells widens it; parameter ``covariance``) and the unknown
+  z/roll/pitch/yaw variances set large; not published when the confidence is below
+  ``min_confidence`` (counted as ``pose_suppressed``);
 - ``hypotheses`` (geometry_msgs/PoseArray), ``hypotheses_detail`` (spatialoc_ros/HypothesisArray),
   ``markers`` (visualization_msgs/MarkerArray).
 
@@ -133,6 +136,16 @@ PARAMETERS: dict[str, ParamSpec] = {
         30.0, "Longest wait between autostart activation tries, seconds.", 0.01, 86400.0),
     "service_call_timeout_s": ParamSpec(
         60.0, "How long one get_map_cells call may take before it counts as failed, seconds.", 0.1, 3600.0),
+    "covariance": ParamSpec(
+        "mixture", "Covariance of the published pose: 'mixture' = the moment-matched Gaussian of the top_k "
+                   "hypotheses (of the top cell's scene) weighted by their probabilities, so it covers the "
+                   "retrieval ambiguity; 'top' = the top hypothesis's in-cell Gaussian alone.",
+        check=lambda v: None if v in ("mixture", "top") else f"must be 'mixture' or 'top', got {v!r}",
+        dynamic=True),
+    "min_confidence": ParamSpec(
+        0.0, "Publish `pose` only when the confidence (calibrated probability that the top cell is right) "
+             "is at least this, 0..1; hypotheses and the confidence are published with every answer.",
+        0.0, 1.0, dynamic=True),
     "sentence_cache": ParamSpec(
         True, "Keep the language-model features of every distinct hint sentence (faster repeated hints; "
               "bounded LRU)."),
@@ -157,6 +170,8 @@ class LocalizerConfig:
     service_wait_s: float
     service_backoff_max_s: float
     service_call_timeout_s: float
+    covariance: str
+    min_confidence: float
     sentence_cache: bool
     diagnostics_period_s: float
 
@@ -176,6 +191,7 @@ class _Counters:
     dropped: int = 0
     rejected: int = 0
     failed: int = 0
+    pose_suppressed: int = 0
 
 
 class LocalizerNode(SpatialocLifecycleNode):
@@ -321,7 +337,8 @@ class LocalizerNode(SpatialocLifecycleNode):
         return {
             "cells": str(self._num_cells), "received": str(c.received), "answered": str(c.answered),
             "dropped": str(c.dropped), "rejected": str(c.rejected), "failed": str(c.failed),
-            "nonfinite": str(nonfinite), "device": self._device, "frame": self._frame or "?",
+            "nonfinite": str(nonfinite), "pose_suppressed": str(c.pose_suppressed), "device": self._device,
+            "frame": self._frame or "?",
         }
 
     # ----------------------------------------------------------------- instruction input
@@ -527,14 +544,22 @@ class LocalizerNode(SpatialocLifecycleNode):
                 f"inference failed for {text[:60]!r}: {type(e).__name__}: {e}\n{traceback.format_exc()}"
             )
             return
+        try:
+            estimate = self._localizer.combine(hyps, cfg.covariance)
+        except ValueError as e:
+            self._count("failed")
+            self.get_logger().error(f"no estimate for {text[:60]!r}: {e}; nothing published")
+            return
         inference_ms = 1e3 * (time.perf_counter() - t0)
         stamp = received.to_msg()
         frame = self._frame
+        publish_pose = estimate.confidence >= cfg.min_confidence
         try:
-            detail = conversions.hypotheses_to_msg(hyps, frame, stamp, text, inference_ms, understood=parsed)
-            pose = conversions.hypothesis_to_pose_stamped(hyps[0], frame, stamp)
+            detail = conversions.hypotheses_to_msg(hyps, frame, stamp, text, inference_ms, understood=parsed,
+                                                   estimate=estimate, pose_published=publish_pose)
+            pose = conversions.gaussian_to_pose_stamped(estimate.mean_xy, estimate.cov_xy, frame, stamp)
             array = conversions.hypotheses_to_pose_array(hyps, frame, stamp)
-            markers = conversions.hypotheses_to_markers(hyps, frame, stamp)
+            markers = conversions.hypotheses_to_markers(hyps, frame, stamp, estimate=estimate)
         except ValueError as e:  # a non-finite value reached the conversions: refuse, never publish it
             self._count("failed")
             self.get_logger().error(f"answer for {text[:60]!r} not publishable: {e}")
@@ -542,14 +567,19 @@ class LocalizerNode(SpatialocLifecycleNode):
         if self.lifecycle_state != "active" or not self._pubs:
             return  # deactivated meanwhile
         self.publish_safely(self._pubs["detail"], detail)
-        self.publish_safely(self._pubs["pose"], pose)
+        if publish_pose:
+            self.publish_safely(self._pubs["pose"], pose)
+        else:
+            self._count("pose_suppressed")
+            self.get_logger().info(f"confidence {estimate.confidence:.2f} < min_confidence {cfg.min_confidence:.2f}: "
+                                   "pose not published (hypotheses are)")
         self.publish_safely(self._pubs["array"], array)
         self.publish_safely(self._pubs["markers"], markers)
         self._count("answered")
         top = hyps[0]
         self.get_logger().info(
             f"answered in {inference_ms:.0f} ms (queued {1e3 * (t0 - queued_at):.0f} ms): cell {top.cell_id} "
-            f"({top.mean_xy[0]:.1f}, {top.mean_xy[1]:.1f}) score {top.score:.3f}"
+            f"({top.mean_xy[0]:.1f}, {top.mean_xy[1]:.1f}) score {top.score:.3f} confidence {estimate.confidence:.2f}"
         )
 
     # ----------------------------------------------------------------- shutdown

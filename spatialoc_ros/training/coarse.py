@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers of the hint transformer and of BEOSE")
     g.add_argument("--num_heads", type=int, default=4, help="attention heads of the hint transformer")
     g.add_argument("--pointnet_dim", type=int, default=128, help="width of the PointNet feature")
+    g.add_argument("--calibrate", type=str, default="val", choices=("none", "val"),
+                   help="after training, fit the geometric level's weight and the cell-probability "
+                   "temperature on the val split and store them in best.pth (default val; see "
+                   "spatialoc_ros.training.calibrate)")
     g.add_argument("--beose_dim", type=int, default=64, help="width of BEOSE's pair features")
     g.add_argument("--bezier_samples", type=int, default=4, help="points sampled on each Bezier curve")
     g.add_argument("--no_beose", action="store_true",
@@ -248,6 +252,17 @@ def train(args: argparse.Namespace) -> int:
         vals = " ".join(f"{k.replace('val_', '')} {v:.3f}" for k, v in val.items())
         print(f"[train] epoch {epoch}: loss {row['train_loss']:.4f} | val {vals} | "
               f"{train_time:.0f}+{val_time:.0f} s{' | best' if improved else ''}", flush=True)
+    if args.calibrate == "val":
+        from spatialoc_ros.models.checkpoint import load_checkpoint
+        from spatialoc_ros.training import calibrate
+
+        best_path = f"{folder}/{engine.BEST_NAME}"
+        best_model, best_cfg, _ = load_checkpoint(best_path, "coarse", device)
+        loc = Localizer(best_model, best_cfg, device=device, max_tokens=args.max_tokens,
+                        text_encoders={"coarse": hint_encoder})
+        result = calibrate.calibrate_localizer(loc, val_data, progress=progress)
+        calibrate.store_calibration(best_path, result)
+        print(calibrate.format_result(result).replace("[calibrate]", "[train] calibration on"))
     print(f"[train] done: best val recall@{args.top_k[0]} {best[0]:.3f}; checkpoints in {folder}")
     return 0
 

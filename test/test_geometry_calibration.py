@@ -1,0 +1,220 @@
+"""Geometric hint binding, retrieval calibration, the mixture estimate and the metrics that judge
+them (ECE, AUROC, the bag-of-objects baseline): pure logic on tiny hand-made cells, then the
+Localizer on the small synthetic city."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from spatialoc_ros.data.kitti360pose import Cell, Object3d, direction_of
+from spatialoc_ros.evaluation import metrics
+from spatialoc_ros.evaluation.baseline import BagOfObjects
+from spatialoc_ros.language import Hint
+from spatialoc_ros.models import geometry
+from spatialoc_ros.training import calibrate
+
+
+def _obj(i, label, centre_xy, rgb=(0.53, 0.54, 0.49), n=40, half=0.02, z=0.1):
+    rng = np.random.default_rng(i)
+    xy = np.asarray(centre_xy) + rng.uniform(-half, half, size=(n, 2))
+    xyz = np.concatenate([xy, np.full((n, 1), z)], axis=1)
+    return Object3d(id=i, instance_id=i, xyz=xyz, rgb=np.tile(rgb, (n, 1)), label=label)
+
+
+def _cell(cid, objects):
+    return Cell(id=cid, scene_name="2013_05_28_drive_0003_sync", objects=objects, cell_size=30.0,
+                bbox_w=np.array([0.0, 0.0, 0.0, 30.0, 30.0, 10.0]))
+
+
+GRAY = (0.53, 0.54, 0.49)  # nearest colour centre: gray
+BLACK = (0.1, 0.1, 0.1)
+
+
+def test_direction_rule_matches_the_data_set():
+    rng = np.random.default_rng(0)
+    offsets = rng.uniform(-0.3, 0.3, size=(500, 2))
+    offsets[:50] *= 0.1  # some on-top
+    offsets[50:60, 1] = offsets[50:60, 0]  # exact ties go north/south
+    got = geometry.direction_classes(offsets)
+    want = [direction_of(np.zeros(2), o) for o in offsets]
+    assert [geometry.DIRECTIONS[g] for g in got] == want
+
+
+def test_bit_packing_round_trip():
+    rng = np.random.default_rng(1)
+    flags = rng.random((3, 5, 130)) < 0.4
+    words = torch.from_numpy(geometry._pack_bits(flags))
+    assert words.shape == (3, 5, 3) and bool((words >= 0).all())
+    assert torch.equal(geometry._unpack_bits(words, 130), torch.from_numpy(flags))
+
+
+def test_binding_reads_directions_colours_and_classes():
+    # a gray building east of the centre, a black pole north of it
+    a = _cell("0003_00000", [_obj(0, "building", (0.8, 0.5), GRAY), _obj(1, "pole", (0.5, 0.8), BLACK),
+                             _obj(2, "road", (0.5, 0.5), GRAY, half=0.3)])
+    # the same objects, mirrored: building west, pole south
+    b = _cell("0003_00001", [_obj(3, "building", (0.2, 0.5), GRAY), _obj(4, "pole", (0.5, 0.2), BLACK),
+                             _obj(5, "road", (0.5, 0.5), GRAY, half=0.3)])
+    rel = geometry.cell_relations([a, b])
+    hints = [Hint("west", "gray", "building"), Hint("south", "black", "pole"), Hint("on-top", "gray", "road")]
+    s = geometry.binding_scores(hints, rel)
+    assert s[0] > s[1]
+    flipped = [Hint("east", "gray", "building"), Hint("north", "black", "pole"), Hint("on-top", "gray", "road")]
+    s_flip = geometry.binding_scores(flipped, rel)
+    assert s_flip[1] > s_flip[0]
+    # the best cell explains every hint somewhere: the soft maximum is close to 1
+    assert float(s[0]) > 1 - math.log(geometry.GRID_STEPS ** 2) / geometry.SHARPNESS
+    # a wrong colour or class is not satisfied; no colour given accepts any colour
+    assert geometry.binding_scores([Hint("west", "black", "building")] * 2, rel)[0] < s[0]
+    assert geometry.binding_scores([Hint("west", "gray", "pole")] * 2, rel)[0] < s[0]
+    sat_any = geometry.satisfied_hints([Hint("west", None, "building")], rel)
+    sat_gray = geometry.satisfied_hints([Hint("west", "gray", "building")], rel)
+    assert torch.equal(sat_any, sat_gray) and bool(sat_any[0].any()) and not bool(sat_any[1].any())
+
+
+def test_binding_refuses_no_hints():
+    rel = geometry.cell_relations([_cell("0003_00000", [_obj(0, "building", (0.8, 0.5))])])
+    with pytest.raises(ValueError):
+        geometry.binding_scores([], rel)
+
+
+def test_temperature_fit_recovers_the_generating_temperature():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(3000, 20)) * 2.0
+    t_true = 0.5
+    p = np.exp(scores / t_true)
+    p /= p.sum(axis=1, keepdims=True)
+    true = np.array([rng.choice(20, p=row) for row in p])
+    t = calibrate.fit_temperature(scores, true)
+    assert abs(t - t_true) / t_true < 0.1
+
+
+def test_fit_calibration_uses_an_informative_geometric_level():
+    rng = np.random.default_rng(1)
+    q, n = 400, 30
+    true = rng.integers(0, n, size=q)
+    learned = rng.normal(size=(q, n))
+    geo = rng.random((q, n)) * 0.5
+    geo[np.arange(q), true] = 1.0  # the geometry knows
+    res = calibrate.fit_calibration(learned, geo, true)
+    assert res["relation_weight"] > 0 and res["val_recall@1"] > res["val_recall@1_learned_only"]
+    res0 = calibrate.fit_calibration(learned, rng.random((q, n)), true)  # geometry that knows nothing
+    assert res0["val_recall@1"] >= res0["val_recall@1_learned_only"]
+    with pytest.raises(ValueError):
+        calibrate.fit_calibration(learned, geo[:, :5], true)
+
+
+def test_moment_match_covers_the_spread_of_the_components():
+    from spatialoc_ros.inference import moment_match
+
+    means = np.array([[0.0, 0.0], [10.0, 0.0]])
+    covs = np.stack([np.eye(2), np.eye(2)])
+    mean, cov = moment_match(np.array([1.0, 1.0]), means, covs)
+    np.testing.assert_allclose(mean, [5.0, 0.0])
+    np.testing.assert_allclose(cov, [[26.0, 0.0], [0.0, 1.0]])
+    mean, cov = moment_match(np.array([1.0, 0.0]), means, covs)
+    np.testing.assert_allclose(mean, [0.0, 0.0]) and np.testing.assert_allclose(cov, np.eye(2))
+    for bad in (np.array([0.0, 0.0]), np.array([1.0, np.nan]), np.array([-1.0, 2.0])):
+        with pytest.raises(ValueError):
+            moment_match(bad, means, covs)
+
+
+def test_reliability_and_auroc():
+    rng = np.random.default_rng(2)
+    conf = rng.random(20000)
+    right = rng.random(20000) < conf  # calibrated by construction
+    rel = metrics.reliability(conf, right)
+    assert rel["ece"] < 0.02 and len(rel["bins"]) == metrics.CONFIDENCE_BINS
+    assert metrics.reliability(np.full(1000, 0.9), rng.random(1000) < 0.5)["ece"] > 0.35
+    assert metrics.auroc(conf, right) > 0.8
+    assert metrics.auroc(np.full(100, 0.3), rng.random(100) < 0.5) == pytest.approx(0.5)
+    assert metrics.auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert math.isnan(metrics.auroc(np.array([0.1, 0.2]), np.array([1, 1])))
+    with pytest.raises(ValueError):
+        metrics.reliability(np.array([1.5]), np.array([1]))
+
+
+def test_bag_of_objects_counts_classes_and_colours_not_positions():
+    a = _cell("0003_00000", [_obj(0, "building", (0.8, 0.5), GRAY), _obj(1, "pole", (0.5, 0.8), BLACK)])
+    b = _cell("0003_00001", [_obj(2, "building", (0.2, 0.5), BLACK), _obj(3, "vegetation", (0.5, 0.2), GRAY)])
+    bag = BagOfObjects([a, b])
+    assert bag.rank([[Hint("north", "gray", "building"), Hint("east", "black", "pole")]], 2)[0].tolist() == [0, 1]
+    assert bag.rank([[Hint("north", "black", "building"), Hint("east", None, "vegetation")]], 2)[0].tolist() == [1, 0]
+    # positions do not matter: mirrored directions give the same scores
+    np.testing.assert_allclose(bag.scores([Hint("north", "gray", "building")]), bag.scores([Hint("south", "gray", "building")]))
+
+
+@pytest.fixture(scope="module")
+def calibrated(small_city, tmp_path_factory):
+    """Tiny random checkpoints, the coarse one calibrated on the small city's val split."""
+    from spatialoc_ros.data.loading import load_split
+    from spatialoc_ros.inference import Localizer
+    from test_inference import write_tiny_checkpoints
+
+    folder = tmp_path_factory.mktemp("calib")
+    coarse, fine = write_tiny_checkpoints(folder, sigma_scale=1.0)
+    loc = Localizer.from_checkpoints(coarse, fine, device="cpu")
+    result = calibrate.calibrate_localizer(loc, load_split(small_city, "val"), progress=False)
+    out = str(folder / "coarse_calibrated.pth")
+    calibrate.store_calibration(coarse, result, out)
+    return out, fine, result
+
+
+def test_calibration_is_stored_and_used(calibrated, small_city):
+    from spatialoc_ros.data.loading import load_split, query_text
+    from spatialoc_ros.inference import Localizer
+
+    coarse, fine, result = calibrated
+    # random learned levels know nothing: the geometric level must take over
+    assert result["relation_weight"] > 0 and result["val_recall@1"] > result["val_recall@1_learned_only"]
+    loc = Localizer.from_checkpoints(coarse, fine, device="cpu")
+    assert loc.relation_weight == result["relation_weight"]
+    assert loc.temperature == pytest.approx(result["temperature"])
+    data = load_split(small_city, "test")
+    loc.set_map(data.cells, progress=False)
+    texts = [query_text(p) for p in data.poses[:20]]
+    learned, geo = loc.score_levels(texts)
+    hyps = loc.localize_many(texts, top_k=5)
+    for row, l_row, g_row in zip(hyps, learned, geo):
+        scores = l_row + loc.relation_weight * g_row
+        assert row[0].cell_id == data.cells[int(np.argmax(scores))].id
+        p = np.exp((scores - scores.max()) / loc.temperature)
+        p /= p.sum()
+        np.testing.assert_allclose([h.probability for h in row], np.sort(p)[::-1][:5], rtol=1e-4, atol=1e-6)
+
+
+def test_estimate_mixture_and_top(calibrated, small_city):
+    from spatialoc_ros.data.loading import load_split, query_text
+    from spatialoc_ros.inference import Localizer
+
+    coarse, fine, _ = calibrated
+    loc = Localizer.from_checkpoints(coarse, fine, device="cpu")
+    data = load_split(small_city, "test")
+    loc.set_map(data.cells, progress=False)
+    text = query_text(data.poses[0])
+    est = loc.estimate(text, top_k=5)
+    assert est.mean_xy.shape == (2,) and est.cov_xy.shape == (2, 2)
+    assert 0 < est.confidence <= 1 and est.confidence == est.hypotheses[0].probability
+    assert len(est.hypotheses) == 5 and all(0 <= h.probability <= 1 for h in est.hypotheses)
+    top = loc.estimate(text, top_k=5, covariance="top")
+    np.testing.assert_allclose(top.cov_xy, est.hypotheses[0].cov_xy)
+    # the mixture covers the spread of the hypotheses: never tighter than its weighted components
+    same = [h for h in est.hypotheses if h.scene == est.scene]
+    w = np.array([h.probability for h in same]) / sum(h.probability for h in same)
+    inner = np.einsum("k,kij->ij", w, np.stack([h.cov_xy for h in same]))
+    assert np.linalg.eigvalsh(est.cov_xy - inner).min() > -1e-6
+    with pytest.raises(ValueError, match="covariance"):
+        loc.estimate(text, covariance="widest")
+
+
+def test_calibration_values_out_of_range_are_refused(calibrated, tmp_path):
+    from spatialoc_ros.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    coarse, _, _ = calibrated
+    model, cfg, extra = load_checkpoint(coarse, "coarse", torch.device("cpu"))
+    for key, value in (("temperature", 0.0), ("temperature", float("nan")), ("relation_weight", -1.0)):
+        bad = str(tmp_path / f"{key}.pth")
+        save_checkpoint(bad, model, cfg, "coarse", {**extra, key: value})
+        with pytest.raises(CheckpointError, match=key):
+            load_checkpoint(bad, "coarse", torch.device("cpu"))
