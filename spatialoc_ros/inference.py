@@ -10,7 +10,9 @@ Pipeline of :meth:`Localizer.localize`:
    language model (cached per sentence when ``fixed_embedding``) and the coarse model's text side.
 2. **Retrieval.** Every map cell was embedded once by :meth:`Localizer.set_map`. A query is scored
    against all cells at every level (global, object, relation) and the levels are combined with
-   the model's rule (z-score over the cells, then sum). Maps larger than ``preselect_above`` cells
+   the model's rule (z-score over the cells, then sum), plus ``relation_weight`` times the
+   geometric hint-binding level (:mod:`spatialoc_ros.models.geometry`); ``softmax(score / T)`` over
+   the ranked cells, T calibrated per hint count, gives each cell's probability. Maps larger than ``preselect_above`` cells
    first keep the ``preselect_top`` cells by the global descriptor alone and re-rank only those with
    all levels (the z-scores are then taken over the pre-selected cells).
 3. **Fine.** UGFL runs on the query and each of the top-k cells in one batch and gives a 2-D
@@ -154,7 +156,9 @@ class Hypothesis:
 
     ``score``: the combined retrieval score of the cell (higher is better; NaN when the cell was
     given, not retrieved); ``mean_xy`` (2,) world position; ``cov_xy`` (2, 2) covariance in m^2,
-    symmetric PSD finite; ``pos_in_cell`` (2,) the mean normalised to the cell; ``bbox_w`` (6,).
+    symmetric PSD finite; ``pos_in_cell`` (2,) the mean normalised to the cell; ``bbox_w`` (6,);
+    ``probability``: the calibrated P(cell | text) (NaN when given, not retrieved); ``num_hints``:
+    how many hints the query had (the calibration of the estimate depends on it).
     """
 
     cell_id: str
@@ -165,6 +169,7 @@ class Hypothesis:
     pos_in_cell: np.ndarray
     bbox_w: np.ndarray
     probability: float = float("nan")
+    num_hints: int = 0
 
 
 @dataclass(frozen=True)
@@ -233,12 +238,10 @@ def safe_covariance(cov: np.ndarray) -> np.ndarray:
 COVARIANCE_MODES: tuple[str, ...] = ("mixture", "top")
 
 
-def moment_match(weights: np.ndarray, means: np.ndarray, covs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The Gaussian with the mean and covariance of a Gaussian mixture.
-
-    weights (K,) >= 0 (normalised here), means (K, 2), covs (K, 2, 2) -> mean (2,), cov (2, 2):
-    sum_k w_k mu_k and sum_k w_k (Sigma_k + (mu_k - mu)(mu_k - mu)^T).
-    """
+def mixture_moments(weights: np.ndarray, means: np.ndarray, covs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean (2,), within-component covariance sum_k w_k Sigma_k (2, 2) and spread of the means
+    sum_k w_k (mu_k - mu)(mu_k - mu)^T (2, 2) of a Gaussian mixture; weights (K,) >= 0 are
+    normalised here, means (K, 2), covs (K, 2, 2)."""
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"mixture weights must be finite, non-negative and not all zero, got {w.tolist()}")
@@ -247,8 +250,16 @@ def moment_match(weights: np.ndarray, means: np.ndarray, covs: np.ndarray) -> tu
     covs = np.asarray(covs, dtype=np.float64)
     mean = w @ means
     d = means - mean
-    cov = np.einsum("k,kij->ij", w, covs) + np.einsum("k,ki,kj->ij", w, d, d)
-    return mean, safe_covariance(cov)
+    return mean, np.einsum("k,kij->ij", w, covs), np.einsum("k,ki,kj->ij", w, d, d)
+
+
+def moment_match(weights: np.ndarray, means: np.ndarray, covs: np.ndarray, within_scale: float = 1.0,
+                 spread_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The Gaussian with the mean and covariance of a Gaussian mixture (see
+    :func:`mixture_moments`): covariance = within_scale * within + spread_scale * spread (1 and 1:
+    the exact moments)."""
+    mean, within, spread = mixture_moments(weights, means, covs)
+    return mean, safe_covariance(within_scale * within + spread_scale * spread)
 
 
 @dataclass
@@ -284,6 +295,11 @@ class Localizer:
         min_hints: int = MIN_HINTS,
         relation_weight: float = 0.0,
         temperature: float = 1.0,
+        mixture_within_scale: float = 1.0,
+        mixture_spread_scale: float = 1.0,
+        temperature_by_hints: Optional[Sequence[float]] = None,
+        mixture_within_scale_by_hints: Optional[Sequence[float]] = None,
+        mixture_spread_scale_by_hints: Optional[Sequence[float]] = None,
     ) -> None:
         if coarse_model is None and fine_model is None:
             raise ValueError("a Localizer needs a coarse model, a fine model or both")
@@ -301,7 +317,9 @@ class Localizer:
         if not (math.isfinite(sigma_scale) and lo <= sigma_scale <= hi):
             raise ValueError(f"sigma_scale must be a finite number in {lo:g}..{hi:g}, got {sigma_scale}")
         self.sigma_scale = float(sigma_scale)
-        for name, value in (("relation_weight", relation_weight), ("temperature", temperature)):
+        for name, value in (("relation_weight", relation_weight), ("temperature", temperature),
+                            ("mixture_within_scale", mixture_within_scale),
+                            ("mixture_spread_scale", mixture_spread_scale)):
             lo, hi = EXTRA_RANGES[name][1:]
             if not (math.isfinite(value) and lo <= value <= hi):
                 raise ValueError(f"{name} must be a finite number in {lo:g}..{hi:g}, got {value}")
@@ -309,6 +327,25 @@ class Localizer:
         self.relation_weight = float(relation_weight)
         #: Temperature turning combined scores into cell probabilities (softmax over the ranked cells).
         self.temperature = float(temperature)
+        #: Factors on the published mixture's within-hypothesis covariance and on the spread of the
+        #: hypotheses' means (fitted on val; 1 and 1 = the exact moments).
+        self.mixture_within_scale = float(mixture_within_scale)
+        self.mixture_spread_scale = float(mixture_spread_scale)
+        #: Per hint count (CALIBRATED_HINT_COUNTS) versions of the three, when calibrated so; they
+        #: take precedence over the scalars (fewer hints: flatter probabilities, wider estimates).
+        self.by_hints: dict[str, Optional[tuple[float, ...]]] = {}
+        from spatialoc_ros.models.checkpoint import CALIBRATED_HINT_COUNTS, check_extra
+
+        given = {"temperature_by_hints": temperature_by_hints,
+                 "mixture_within_scale_by_hints": mixture_within_scale_by_hints,
+                 "mixture_spread_scale_by_hints": mixture_spread_scale_by_hints}
+        try:
+            check_extra({k: list(v) for k, v in given.items() if v is not None}, "Localizer")
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        self._calibrated_counts = CALIBRATED_HINT_COUNTS
+        for key, values in given.items():
+            self.by_hints[key] = None if values is None else tuple(float(v) for v in values)
         self._relations = None  # CellRelations of the map (geometric level), when relation_weight > 0
         #: Non-finite model outputs seen so far, by kind ('cell_embedding', 'score', 'hypothesis').
         self.nonfinite: collections.Counter = collections.Counter()
@@ -350,8 +387,14 @@ class Localizer:
         fine, fcfg, fextra = load_checkpoint(fine_path, "fine", dev)
         kwargs.setdefault("max_tokens", int((cextra or {}).get("max_tokens", 32)))
         kwargs.setdefault("sigma_scale", float((fextra or {}).get("sigma_scale", 1.0)))
-        for key, default in (("relation_weight", 0.0), ("temperature", 1.0)):
+        for key, default in (("relation_weight", 0.0), ("temperature", 1.0), ("mixture_within_scale", 1.0),
+                             ("mixture_spread_scale", 1.0)):
             kwargs.setdefault(key, float((cextra or {}).get(key, default)))
+        from spatialoc_ros.models.checkpoint import EXTRA_LISTS
+
+        for key in EXTRA_LISTS:
+            if (cextra or {}).get(key) is not None:
+                kwargs.setdefault(key, [float(v) for v in cextra[key]])
         loc = cls(coarse, ccfg, fine, fcfg, device=dev, text_model=text_model,
                   fixed_embedding=fixed_embedding, **kwargs)
         loc.device_note = note
@@ -480,11 +523,24 @@ class Localizer:
         geo = torch.stack([binding_scores(h, rel) for h in hints]).to(scores.dtype)
         return scores + self.relation_weight * geo
 
-    def _top(self, scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top-k indices, scores and calibrated probabilities (softmax at ``temperature`` over all
-        rankable cells of the row) of (B, N) scores."""
+    def calibrated(self, name: str, num_hints: int) -> float:
+        """The calibration value ``name`` ('temperature', 'mixture_within_scale',
+        'mixture_spread_scale') for a query of ``num_hints`` hints: the per-hint-count value when
+        calibrated so (the nearest calibrated count), else the scalar."""
+        values = self.by_hints.get(f"{name}_by_hints")
+        if not values:
+            return float(getattr(self, name))
+        counts = self._calibrated_counts
+        n = min(max(int(num_hints), counts[0]), counts[-1])
+        return values[counts.index(n)] if n in counts else values[-1]
+
+    def _top(self, scores: torch.Tensor, k: int, hints: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k indices, scores and calibrated probabilities (softmax at the temperature of each
+        query's hint count over all rankable cells of the row) of (B, N) scores."""
         top = torch.topk(scores, k, dim=1)
-        logp = torch.log_softmax(scores.double() / self.temperature, dim=1)
+        temps = torch.tensor([self.calibrated("temperature", len(h)) for h in hints], dtype=torch.float64,
+                             device=scores.device)
+        logp = torch.log_softmax(scores.double() / temps[:, None], dim=1)
         prob = torch.gather(logp, 1, top.indices).exp()
         return top.indices.cpu().numpy(), top.values.float().cpu().numpy(), prob.cpu().numpy()
 
@@ -498,7 +554,7 @@ class Localizer:
             return self._retrieve_preselect(text_emb, k, hints)
         sims = self.coarse.similarity(text_emb, self._index)  # {level: (B, N)}
         scores = self._rankable(self._with_relations(self.coarse.combined_scores(sims), hints))  # (B, N)
-        return self._top(scores, k)
+        return self._top(scores, k, hints)
 
     def _rankable(self, scores: torch.Tensor) -> torch.Tensor:
         """``scores`` with non-finite entries counted, logged and ranked last (as -inf): a cell
@@ -519,7 +575,7 @@ class Localizer:
             sub = _take(self._index, cand[b])
             sims = self.coarse.similarity(_take(text_emb, slice(b, b + 1)), sub)
             scores = self._rankable(self._with_relations(self.coarse.combined_scores(sims), hints[b:b + 1], cand[b]))
-            top, val, prob = self._top(scores, k)  # (1, k) each
+            top, val, prob = self._top(scores, k, hints[b:b + 1])  # (1, k) each
             idx_out.append(cand[b].cpu().numpy()[top[0]])
             val_out.append(val[0])
             prob_out.append(prob[0])
@@ -563,7 +619,7 @@ class Localizer:
         return FinePrediction(mean, cov)
 
     def _hypotheses(self, idx_row, score_row, mean_row, cov_row, retrieved: bool = True,
-                    prob_row=None) -> list[Hypothesis]:
+                    prob_row=None, num_hints: int = 0) -> list[Hypothesis]:
         """Hypotheses of one query; non-finite ones are counted, logged and left out; raises
         NonFiniteOutputError when none is left."""
         out = []
@@ -586,6 +642,7 @@ class Localizer:
                 pos_in_cell=np.asarray(mu, dtype=np.float64).copy(),
                 bbox_w=self._bbox[i].copy(),
                 probability=float(p),
+                num_hints=int(num_hints),
             ))
         if left_out:
             self.nonfinite["hypothesis"] += left_out
@@ -621,9 +678,11 @@ class Localizer:
             raise ValueError(f"covariance must be one of {COVARIANCE_MODES}, got {covariance!r}")
         return [self.combine(h, covariance) for h in self.localize_many(queries, top_k, progress=progress)]
 
-    @staticmethod
-    def combine(hypotheses: Sequence[Hypothesis], covariance: str = "mixture") -> Estimate:
-        """The :class:`Estimate` of a ranked hypothesis list (best first, probabilities set)."""
+    def combine(self, hypotheses: Sequence[Hypothesis], covariance: str = "mixture") -> Estimate:
+        """The :class:`Estimate` of a ranked hypothesis list (best first, probabilities set). The
+        mixture's covariance is ``mixture_within_scale * within + mixture_spread_scale * spread``
+        (:func:`mixture_moments`; the two factors fitted on val, see
+        :mod:`spatialoc_ros.training.calibrate`)."""
         if not hypotheses:
             raise ValueError("no hypothesis to combine")
         top = hypotheses[0]
@@ -635,7 +694,9 @@ class Localizer:
         else:
             same = [h for h in hypotheses if h.scene == top.scene]
             mean, cov = moment_match(np.array([h.probability for h in same]),
-                                     np.stack([h.mean_xy for h in same]), np.stack([h.cov_xy for h in same]))
+                                     np.stack([h.mean_xy for h in same]), np.stack([h.cov_xy for h in same]),
+                                     self.calibrated("mixture_within_scale", top.num_hints),
+                                     self.calibrated("mixture_spread_scale", top.num_hints))
         return Estimate(mean_xy=mean, cov_xy=cov, confidence=confidence, hypotheses=tuple(hypotheses),
                         scene=top.scene, covariance=covariance)
 
@@ -678,7 +739,8 @@ class Localizer:
             timings["retrieval_ms"] += 1e3 * (t2 - t1)
             timings["fine_ms"] += 1e3 * (t3 - t2)
             for b in range(len(chunk)):
-                results.append(self._hypotheses(idx[b], scores[b], pred.mean[b], pred.cov[b], prob_row=probs[b]))
+                results.append(self._hypotheses(idx[b], scores[b], pred.mean[b], pred.cov[b], prob_row=probs[b],
+                                                num_hints=len(parsed[start + b])))
         self.timings = timings
         return results
 

@@ -105,6 +105,27 @@ def test_fit_calibration_uses_an_informative_geometric_level():
         calibrate.fit_calibration(learned, geo[:, :5], true)
 
 
+def test_mixture_scales_fit_a_known_spread():
+    """Truths drawn near one of two hypotheses: the exact moments are miscalibrated; the fitted
+    (a, b) bring the 1/2-sigma coverage back to a calibrated Gaussian's."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    within = np.tile(np.eye(2), (n, 1, 1))
+    sep = rng.uniform(0, 10, n)
+    spread = np.zeros((n, 2, 2))
+    spread[:, 0, 0] = (sep / 2) ** 2  # two equal components at -sep/2 and +sep/2 on x
+    side = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    offsets = rng.normal(size=(n, 2))
+    offsets[:, 0] += side * sep / 2
+    exact = calibrate.mixture_d2(offsets, within, spread, 1.0, 1.0)
+    assert abs(np.mean(exact <= 1) - 0.393) > 0.05  # the exact moments miss
+    a, b = calibrate.fit_mixture_scales(offsets, within, spread)
+    d2 = calibrate.mixture_d2(offsets, within, spread, a, b)
+    assert abs(np.mean(d2 <= 1) - 0.393) < 0.02 and abs(np.mean(d2 <= 4) - 0.865) < 0.02
+    offsets[:10] = np.nan  # answers in another scene are never covered
+    assert np.all(np.isinf(calibrate.mixture_d2(offsets, within, spread, a, b)[:10]))
+
+
 def test_moment_match_covers_the_spread_of_the_components():
     from spatialoc_ros.inference import moment_match
 
@@ -114,7 +135,10 @@ def test_moment_match_covers_the_spread_of_the_components():
     np.testing.assert_allclose(mean, [5.0, 0.0])
     np.testing.assert_allclose(cov, [[26.0, 0.0], [0.0, 1.0]])
     mean, cov = moment_match(np.array([1.0, 0.0]), means, covs)
-    np.testing.assert_allclose(mean, [0.0, 0.0]) and np.testing.assert_allclose(cov, np.eye(2))
+    np.testing.assert_allclose(mean, [0.0, 0.0])
+    np.testing.assert_allclose(cov, np.eye(2))
+    _, cov = moment_match(np.array([1.0, 1.0]), means, covs, within_scale=0.5, spread_scale=0.1)
+    np.testing.assert_allclose(cov, [[0.5 + 2.5, 0.0], [0.0, 0.5]])
     for bad in (np.array([0.0, 0.0]), np.array([1.0, np.nan]), np.array([-1.0, 2.0])):
         with pytest.raises(ValueError):
             moment_match(bad, means, covs)
@@ -171,6 +195,14 @@ def test_calibration_is_stored_and_used(calibrated, small_city):
     loc = Localizer.from_checkpoints(coarse, fine, device="cpu")
     assert loc.relation_weight == result["relation_weight"]
     assert loc.temperature == pytest.approx(result["temperature"])
+    # per hint count: one temperature and two mixture scales for each calibrated count
+    from spatialoc_ros.models.checkpoint import CALIBRATED_HINT_COUNTS
+
+    for key in ("temperature_by_hints", "mixture_within_scale_by_hints", "mixture_spread_scale_by_hints"):
+        assert len(loc.by_hints[key]) == len(CALIBRATED_HINT_COUNTS) == len(result[key])
+    assert loc.calibrated("temperature", 3) == loc.by_hints["temperature_by_hints"][1]
+    assert loc.calibrated("temperature", 40) == loc.by_hints["temperature_by_hints"][-1]
+    assert loc.calibrated("temperature", 1) == loc.by_hints["temperature_by_hints"][0]
     data = load_split(small_city, "test")
     loc.set_map(data.cells, progress=False)
     texts = [query_text(p) for p in data.poses[:20]]
@@ -179,7 +211,8 @@ def test_calibration_is_stored_and_used(calibrated, small_city):
     for row, l_row, g_row in zip(hyps, learned, geo):
         scores = l_row + loc.relation_weight * g_row
         assert row[0].cell_id == data.cells[int(np.argmax(scores))].id
-        p = np.exp((scores - scores.max()) / loc.temperature)
+        assert row[0].num_hints == 6
+        p = np.exp((scores - scores.max()) / loc.calibrated("temperature", 6))
         p /= p.sum()
         np.testing.assert_allclose([h.probability for h in row], np.sort(p)[::-1][:5], rtol=1e-4, atol=1e-6)
 
@@ -188,7 +221,7 @@ def test_estimate_mixture_and_top(calibrated, small_city):
     from spatialoc_ros.data.loading import load_split, query_text
     from spatialoc_ros.inference import Localizer
 
-    coarse, fine, _ = calibrated
+    coarse, fine, result = calibrated
     loc = Localizer.from_checkpoints(coarse, fine, device="cpu")
     data = load_split(small_city, "test")
     loc.set_map(data.cells, progress=False)
@@ -197,13 +230,14 @@ def test_estimate_mixture_and_top(calibrated, small_city):
     assert est.mean_xy.shape == (2,) and est.cov_xy.shape == (2, 2)
     assert 0 < est.confidence <= 1 and est.confidence == est.hypotheses[0].probability
     assert len(est.hypotheses) == 5 and all(0 <= h.probability <= 1 for h in est.hypotheses)
+    assert (loc.mixture_within_scale, loc.mixture_spread_scale) == (result["mixture_within_scale"], result["mixture_spread_scale"])
     top = loc.estimate(text, top_k=5, covariance="top")
     np.testing.assert_allclose(top.cov_xy, est.hypotheses[0].cov_xy)
     # the mixture covers the spread of the hypotheses: never tighter than its weighted components
     same = [h for h in est.hypotheses if h.scene == est.scene]
     w = np.array([h.probability for h in same]) / sum(h.probability for h in same)
     inner = np.einsum("k,kij->ij", w, np.stack([h.cov_xy for h in same]))
-    assert np.linalg.eigvalsh(est.cov_xy - inner).min() > -1e-6
+    assert np.linalg.eigvalsh(est.cov_xy - loc.mixture_within_scale * inner).min() > -1e-6
     with pytest.raises(ValueError, match="covariance"):
         loc.estimate(text, covariance="widest")
 
@@ -213,7 +247,9 @@ def test_calibration_values_out_of_range_are_refused(calibrated, tmp_path):
 
     coarse, _, _ = calibrated
     model, cfg, extra = load_checkpoint(coarse, "coarse", torch.device("cpu"))
-    for key, value in (("temperature", 0.0), ("temperature", float("nan")), ("relation_weight", -1.0)):
+    for key, value in (("temperature", 0.0), ("temperature", float("nan")), ("relation_weight", -1.0),
+                       ("temperature_by_hints", [1.0, 1.0]), ("temperature_by_hints", [1.0, 1.0, 0.0, 1.0, 1.0]),
+                       ("mixture_spread_scale_by_hints", [1.0, 1.0, 1.0, 1.0, float("inf")])):
         bad = str(tmp_path / f"{key}.pth")
         save_checkpoint(bad, model, cfg, "coarse", {**extra, key: value})
         with pytest.raises(CheckpointError, match=key):

@@ -141,7 +141,7 @@ def test_answer_matches_the_inference_api(graph, checkpoints):
         np.testing.assert_allclose(covariance_xy_of(got.pose.covariance), want.cov_xy, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(got.pos_in_cell, want.pos_in_cell, atol=1e-6)
         assert got.probability == pytest.approx(want.probability, rel=1e-4, abs=1e-6)
-    est = Localizer.combine(expected, "mixture")
+    est = localizer.combine(expected, "mixture")
     assert detail.confidence == pytest.approx(est.confidence, rel=1e-4, abs=1e-6)
     np.testing.assert_allclose([detail.estimate.pose.position.x, detail.estimate.pose.position.y], est.mean_xy, atol=1e-3)
     np.testing.assert_allclose(covariance_xy_of(detail.estimate.covariance), est.cov_xy, rtol=1e-3, atol=1e-5)

@@ -179,3 +179,51 @@ def test_default_city_path_and_ensure(monkeypatch, tmp_path):
     assert synthetic.ensure_default_city(log=None) == path and len(calls) == 2
     assert f'"version": {synthetic.GENERATOR_VERSION}' in info.read_text()
     assert os.listdir(tmp_path / "data") == ["default_city_seed0"]
+
+
+#: sha256 over `sha256sum` of every file of the small city, seed 0 (sorted paths), as written
+#: before the variation options existed: the defaults must keep writing these bytes.
+SMALL_SEED0_DIGEST = "17503f3a079e99597a050a64bb6f1a283c0372bd368f035a0d997929374a0fa3"
+
+
+def _tree_digest(folder) -> str:
+    import hashlib
+
+    lines = []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        rel = "./" + str(path.relative_to(folder))
+        lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {rel}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def test_default_variation_keeps_the_original_bytes(small_city):
+    assert _tree_digest(small_city) == SMALL_SEED0_DIGEST
+
+
+def test_variation_options_change_the_world_and_are_recorded(small_city, tmp_path):
+    out = tmp_path / "varied"
+    res = subprocess.run([sys.executable, "-m", "spatialoc_ros.data.synthetic", "--out", str(out), "--seed", "0",
+                          "--scale", "small", "--quiet", "--block_scale", "0.7", "--density", "0.5",
+                          "--palette_mix", "0.3", "--drop_objects", "0.2", "--size_jitter", "0.3"],
+                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert res.returncode == 0, res.stderr
+    import json
+
+    info = json.loads((out / "synthetic_city.json").read_text())
+    assert info["variation"]["density"] == 0.5 and info["variation"]["block_scale"] == 0.7
+    assert "variation" not in json.loads(Path(small_city, "synthetic_city.json").read_text())
+    base, varied = load_split(small_city, "test"), load_split(str(out), "test")
+    points = lambda data: np.mean([len(o.xyz) for c in data.cells for o in c.objects])  # noqa: E731
+    assert points(varied) < 0.8 * points(base)  # density 0.5 (cells also crop objects)
+    for cell in varied.cells[:20]:  # still the release's format and rules
+        assert len(cell.objects) >= 6
+    for bad in (["--density", "0"], ["--palette_mix", "1.5"], ["--block_scale", "nan"]):
+        r = subprocess.run([sys.executable, "-m", "spatialoc_ros.data.synthetic", "--out", str(tmp_path / "x"),
+                            "--scale", "small", *bad], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(ValueError, match="density"):
+        synthetic.Variation(density=0.0)
+    rng = np.random.default_rng(0)
+    assert not synthetic.Variation.random(rng).is_default and synthetic.Variation().is_default

@@ -42,6 +42,8 @@ import tempfile
 import time
 from typing import Callable, Iterable, Optional
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.spatial import cKDTree
 
@@ -52,6 +54,7 @@ from spatialoc_ros.data.constants import (
     NUM_MENTIONED,
     SCENES_ALL,
     SPLITS,
+    STUFF_CLASSES,
     short_scene_name,
 )
 from spatialoc_ros.data.kitti360pose import Cell, DescriptionBestCell, Object3d, Pose, direction_of
@@ -128,14 +131,73 @@ _RARE_SCENE_COUNTS = {"tunnel": 2, "bridge": 3, "vending machine": 4, "stop": 5}
 
 
 # ==================================================================================================
+# Variation: other world models from the same rules (new options; the defaults change nothing)
+# ==================================================================================================
+@dataclass(frozen=True)
+class Variation:
+    """Settings that change the world model while keeping the data set's preparation rules.
+
+    The defaults reproduce the original generator exactly (same random streams, same bytes); any
+    other value draws its randomness from a stream of its own.
+
+    * ``block_scale``: street-block sizes (default 70..130 m) multiplied by this (layouts);
+    * ``node_jitter``: street-node jitter in metres (default 4; larger = less regular streets);
+    * ``density``: share of every object's points kept (0 < d <= 1; point densities);
+    * ``palette_mix``: probability that an object's colour is drawn from all eight centres instead
+      of its class's palette (class / colour mix);
+    * ``drop_objects``: probability that a non-road object is left out of the world (class mix);
+    * ``size_jitter``: instance objects (not stuff) are scaled in x-y about their centre by a
+      factor uniform in [1 - j, 1 + j] (object sizes).
+    """
+
+    block_scale: float = 1.0
+    node_jitter: float = 4.0
+    density: float = 1.0
+    palette_mix: float = 0.0
+    drop_objects: float = 0.0
+    size_jitter: float = 0.0
+
+    RANGES = {"block_scale": (0.5, 2.0), "node_jitter": (0.0, 20.0), "density": (0.05, 1.0),
+              "palette_mix": (0.0, 1.0), "drop_objects": (0.0, 0.5), "size_jitter": (0.0, 0.6)}
+
+    def __post_init__(self) -> None:
+        for name, (lo, hi) in self.RANGES.items():
+            value = float(getattr(self, name))
+            if not (np.isfinite(value) and lo <= value <= hi):
+                raise ValueError(f"variation {name} must be in {lo:g}..{hi:g}, got {value}")
+        if self.density <= 0:
+            raise ValueError("variation density must be > 0")
+
+    @property
+    def is_default(self) -> bool:
+        return self == Variation()
+
+    def as_dict(self) -> dict:
+        return {name: float(getattr(self, name)) for name in self.RANGES}
+
+    @staticmethod
+    def random(rng: np.random.Generator) -> "Variation":
+        """A setting drawn from every option's range (for training on a family of cities)."""
+        return Variation(block_scale=float(rng.uniform(0.6, 1.6)), node_jitter=float(rng.uniform(0.0, 12.0)),
+                         density=float(rng.uniform(0.3, 1.0)), palette_mix=float(rng.uniform(0.0, 0.4)),
+                         drop_objects=float(rng.uniform(0.0, 0.3)), size_jitter=float(rng.uniform(0.0, 0.4)))
+
+
+DEFAULT_VARIATION = Variation()
+
+
+# ==================================================================================================
 # World
 # ==================================================================================================
 class _World:
     """Accumulates the objects of one scene: label, instance id, world points, rgb."""
 
-    def __init__(self, rng: np.random.Generator, ground: Callable[[np.ndarray], np.ndarray]):
+    def __init__(self, rng: np.random.Generator, ground: Callable[[np.ndarray], np.ndarray],
+                 variation: Variation = DEFAULT_VARIATION, rng_variation: Optional[np.random.Generator] = None):
         self.rng = rng
         self.ground = ground
+        self.variation = variation
+        self.rng_var = rng_variation
         self.labels: list[str] = []
         self.color_idx: list[int] = []  # intended colour centre of each object
         self.xyz: list[np.ndarray] = []
@@ -150,6 +212,12 @@ class _World:
     def add(self, label: str, xyz: np.ndarray, color: Optional[int] = None) -> None:
         if len(xyz) == 0:
             return
+        if not self.variation.is_default:
+            xyz = self._vary(label, np.asarray(xyz, dtype=np.float64))
+            if xyz is None:
+                return
+            if self.rng_var.uniform() < self.variation.palette_mix:
+                color = int(self.rng_var.integers(0, len(COLOR_CENTERS)))
         ci = self.pick_color(label) if color is None else color
         base = COLOR_CENTERS[ci] + self.rng.normal(0.0, BASE_COLOR_JITTER, 3)
         rgb = np.clip(base[None, :] + self.rng.normal(0.0, POINT_COLOR_NOISE, (len(xyz), 3)), 0.0, 1.0)
@@ -158,6 +226,22 @@ class _World:
         self.xyz.append(np.asarray(xyz, dtype=np.float64))
         self.rgb.append(rgb.astype(np.float32))
 
+
+    def _vary(self, label: str, xyz: np.ndarray) -> Optional[np.ndarray]:
+        """The variation's changes to one object's points (None = object dropped)."""
+        v, rng = self.variation, self.rng_var
+        if label != "road" and rng.uniform() < v.drop_objects:
+            return None
+        if v.size_jitter > 0 and label not in STUFF_CLASSES:
+            factor = rng.uniform(1.0 - v.size_jitter, 1.0 + v.size_jitter)
+            centre = xyz[:, 0:2].mean(axis=0)
+            xyz = xyz.copy()
+            xyz[:, 0:2] = centre + (xyz[:, 0:2] - centre) * factor
+        if v.density < 1.0:
+            keep = max(3, int(round(len(xyz) * v.density)))
+            if keep < len(xyz):
+                xyz = xyz[np.sort(rng.choice(len(xyz), size=keep, replace=False))]
+        return xyz
 
     def reserve(self, f: "_Frame", a0, o0, length, depth, clearance=0.5) -> bool:
         """Claim a box footprint; False (nothing claimed) when it overlaps an earlier one.
@@ -531,11 +615,13 @@ def _street(w: _World, p0: np.ndarray, p1: np.ndarray, extras: dict, stub: bool 
 # ==================================================================================================
 # Route (the drive) on a jittered, rotated lattice
 # ==================================================================================================
-def _make_route(rng: np.random.Generator, target_len: float):
+def _make_route(rng: np.random.Generator, target_len: float, variation: Variation = DEFAULT_VARIATION):
     n = 15
-    bx = np.concatenate([[0.0], np.cumsum(rng.uniform(70.0, 130.0, n - 1))])
-    by = np.concatenate([[0.0], np.cumsum(rng.uniform(70.0, 130.0, n - 1))])
-    nodes = np.stack(np.meshgrid(bx, by, indexing="ij"), axis=-1) + rng.uniform(-4.0, 4.0, (n, n, 2))
+    lo, hi = 70.0 * variation.block_scale, 130.0 * variation.block_scale
+    bx = np.concatenate([[0.0], np.cumsum(rng.uniform(lo, hi, n - 1))])
+    by = np.concatenate([[0.0], np.cumsum(rng.uniform(lo, hi, n - 1))])
+    jit = variation.node_jitter
+    nodes = np.stack(np.meshgrid(bx, by, indexing="ij"), axis=-1) + rng.uniform(-jit, jit, (n, n, 2))
     theta = rng.uniform(0.0, np.pi / 2)
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     origin = rng.uniform([-2000.0, -2000.0], [4000.0, 4000.0])
@@ -617,14 +703,16 @@ def _cell_bbox(center: np.ndarray) -> np.ndarray:
     return np.concatenate([center - CELL_SIZE / 2, center + CELL_SIZE / 2]).astype(np.float64)
 
 
-def _build_scene(scene: str, seed: int, route_len: float, rare: dict) -> tuple[list, list, dict, dict]:
+def _build_scene(scene: str, seed: int, route_len: float, rare: dict,
+                 variation: Variation = DEFAULT_VARIATION) -> tuple[list, list, dict, dict]:
     short = short_scene_name(scene)
     num = int(short)
     rng_world = np.random.default_rng([seed, num, 1])
     rng_pose = np.random.default_rng([seed, num, 2])
+    rng_var = np.random.default_rng([seed, num, 3])
 
     # --- world ---------------------------------------------------------------------------------
-    nodes, path = _make_route(rng_world, route_len)
+    nodes, path = _make_route(rng_world, route_len, variation)
     z0 = rng_world.uniform(100.0, 140.0)
     grad = rng_world.uniform(-0.01, 0.01, 2)
     origin = nodes[path[0]].copy()
@@ -632,7 +720,7 @@ def _build_scene(scene: str, seed: int, route_len: float, rare: dict) -> tuple[l
     def ground(xy: np.ndarray) -> np.ndarray:
         return z0 + (np.asarray(xy) - origin) @ grad
 
-    world = _World(rng_world, ground)
+    world = _World(rng_world, ground, variation, rng_var)
     route_pts = np.array([nodes[p] for p in path])
     drive = _polyline_samples(route_pts, 2.0, route_len)  # the driven trajectory (x-y)
     # along-range of each driven edge actually covered by the (truncated) drive
@@ -836,11 +924,12 @@ def _split_of(scene: str) -> str:
 
 
 def generate_city(out_dir: str, seed: int = 0, scale: str = "default", scenes: Optional[Iterable[str]] = None,
-                  log: Optional[Callable[[str], None]] = None) -> dict:
+                  log: Optional[Callable[[str], None]] = None, variation: Variation = DEFAULT_VARIATION) -> dict:
     """Write a synthetic city under ``out_dir`` (cells/, poses/, direction/) and return its stats.
 
     ``scenes`` restricts generation to some of the nine scenes (each scene depends only on the seed
-    and scale, so a subset is byte-identical to the same scenes of a full run).
+    and scale, so a subset is byte-identical to the same scenes of a full run). ``variation``
+    changes the world model (:class:`Variation`); the default writes the original bytes.
     """
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(SCALES)}")
@@ -853,9 +942,11 @@ def generate_city(out_dir: str, seed: int = 0, scale: str = "default", scenes: O
     for sub in ("cells", "poses", "direction"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     stats: dict = {"seed": seed, "scale": scale, "version": GENERATOR_VERSION, "scenes": {}, "splits": {}}
+    if not variation.is_default:
+        stats["variation"] = variation.as_dict()
     for scene in scene_list:
         t0 = time.perf_counter()
-        cells, poses, dmap, info = _build_scene(scene, seed, SCALES[scale]["route"][scene], rare[scene])
+        cells, poses, dmap, info = _build_scene(scene, seed, SCALES[scale]["route"][scene], rare[scene], variation)
         with open(os.path.join(out_dir, "cells", f"{scene}.pkl"), "wb") as f:
             pickle.dump(cells, f, protocol=4)
         with open(os.path.join(out_dir, "poses", f"{scene}.pkl"), "wb") as f:
@@ -978,6 +1069,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="small: a few cells per scene (tests); default: >= 3000/500/1000 "
                              "train/val/test queries; large: about 3x default")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    g = parser.add_argument_group("variation (other world models, same preparation rules; defaults = the original bytes)")
+    for name, (lo, hi) in Variation.RANGES.items():
+        g.add_argument(f"--{name}", type=float, default=getattr(DEFAULT_VARIATION, name),
+                       help=f"{lo:g}..{hi:g} (default {getattr(DEFAULT_VARIATION, name):g}); see Variation")
     args = parser.parse_args(argv)
     from spatialoc_ros.cli import check_number, check_output_dir
 
@@ -985,7 +1080,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} exists and is not a folder")
     check_output_dir(parser, "--out", args.out)
-    stats = generate_city(args.out, seed=args.seed, scale=args.scale, log=None if args.quiet else print)
+    for name, (lo, hi) in Variation.RANGES.items():
+        check_number(parser, f"--{name}", getattr(args, name), lo, hi, low_open=(name == "density"))
+    variation = Variation(**{name: getattr(args, name) for name in Variation.RANGES})
+    stats = generate_city(args.out, seed=args.seed, scale=args.scale, log=None if args.quiet else print,
+                          variation=variation)
     print(_summary(stats))
     return 0
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from spatialoc_ros.cli import device_name, finite_float
 
-FEATURES = ("class", "color", "position", "num")
+from spatialoc_ros.models.config import OBJECT_FEATURES as FEATURES  # noqa: E402  (one source)
 
 
 def add_common_eval_args(parser: argparse.ArgumentParser, default_top_k: list[int]) -> None:

@@ -148,7 +148,7 @@ def evaluate(localizer: Localizer, data, args: argparse.Namespace, progress: boo
     calib_gt = metrics.calibration_summary(np.array([h.mean_xy for h in gt]), np.array([h.cov_xy for h in gt]), true_xy)
 
     kest = min(args.estimate_top_k, kmax)
-    estimates = [Localizer.combine(row[:kest], args.covariance) for row in hyps]
+    estimates = [localizer.combine(row[:kest], args.covariance) for row in hyps]
     est = estimate_summary(estimates, true_xy, true_scenes, true_ids)
 
     hint_lists = [localizer.understand(t).hints for t in texts]
@@ -172,7 +172,7 @@ def evaluate(localizer: Localizer, data, args: argparse.Namespace, progress: boo
         sel_ids = [true_ids[i] for i in usable]
         d = metrics.localization_distances(np.array([[r[0].mean_xy] for r in rows]), [[r[0].scene] for r in rows],
                                            true_xy[usable], [true_scenes[i] for i in usable])  # (n, 1)
-        e = estimate_summary([Localizer.combine(r, args.covariance) for r in rows], true_xy[usable],
+        e = estimate_summary([localizer.combine(r, args.covariance) for r in rows], true_xy[usable],
                              [true_scenes[i] for i in usable], sel_ids)
         e.pop("reliability_bins")
         by_count[int(count)] = {

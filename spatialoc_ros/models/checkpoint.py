@@ -29,6 +29,20 @@ EXTRA_RANGES: dict[str, tuple[type, float, float]] = {
     "max_tokens": (int, 1, 512),
     "relation_weight": (float, 0.0, 1e2),
     "temperature": (float, 1e-3, 1e3),
+    "mixture_within_scale": (float, 1e-2, 1e2),
+    "mixture_spread_scale": (float, 1e-2, 1e2),
+}
+
+
+#: Hint counts the retrieval calibration is fitted for (one value per count in the ``*_by_hints``
+#: lists below; a query with more hints uses the last, with fewer the first).
+CALIBRATED_HINT_COUNTS: tuple[int, ...] = (2, 3, 4, 5, 6)
+#: Calibration lists kept in ``extra``: one value per CALIBRATED_HINT_COUNTS entry, each checked
+#: against the range of the scalar of the same name.
+EXTRA_LISTS: dict[str, str] = {
+    "temperature_by_hints": "temperature",
+    "mixture_within_scale_by_hints": "mixture_within_scale",
+    "mixture_spread_scale_by_hints": "mixture_spread_scale",
 }
 
 
@@ -99,12 +113,26 @@ def _first_line(err: BaseException, limit: int = 200) -> str:
     return (lines[0] if lines else type(err).__name__)[:limit]
 
 
-def check_extra(extra: dict, where: str) -> None:
-    """Refuse calibration values outside :data:`EXTRA_RANGES` (types included; NaN is outside)."""
-    for key, (kind, lo, hi) in EXTRA_RANGES.items():
+def _extra_items(extra: dict, where: str):
+    """(key, value, (kind, lo, hi)) of every calibration value of ``extra``, list entries included."""
+    for key, spec in EXTRA_RANGES.items():
+        if key in extra:
+            yield key, extra[key], spec
+    for key, scalar in EXTRA_LISTS.items():
         if key not in extra:
             continue
-        value = extra[key]
+        values = extra[key]
+        if not isinstance(values, (list, tuple)) or len(values) != len(CALIBRATED_HINT_COUNTS):
+            raise CheckpointError(f"{where}: extra[{key!r}] must be a list of {len(CALIBRATED_HINT_COUNTS)} "
+                                  f"numbers (hint counts {CALIBRATED_HINT_COUNTS}), got {values!r}")
+        for i, v in enumerate(values):
+            yield f"{key}[{i}]", v, EXTRA_RANGES[scalar]
+
+
+def check_extra(extra: dict, where: str) -> None:
+    """Refuse calibration values outside :data:`EXTRA_RANGES` (types included; NaN is outside),
+    also inside the per-hint-count lists of :data:`EXTRA_LISTS`."""
+    for key, value, (kind, lo, hi) in _extra_items(extra, where):
         ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
         if kind is int:
             ok_type = ok_type and float(value).is_integer()

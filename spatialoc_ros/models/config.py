@@ -110,7 +110,7 @@ class FineConfig:
     mean_head: str = "anchor"  # 'anchor': hints point at objects + learned offsets; 'direct': MLP
     fine_loss: str = "nll"  # 'nll' (Gaussian negative log-likelihood) or 'mse' (mean only)
     beta: float = 0.0  # beta-NLL exponent (0 = plain NLL; 0.5 is the usual choice)
-    matching_weight: float = 0.2  # weight of the hint->object matching ranking loss (anchor head; 0 = off)
+    matching_weight: float = 0.0  # weight of the hint->object matching ranking loss (anchor head; 0 = off, the CLI default)
     min_std: float = 0.005  # floor on the predicted standard deviations, cell units
     regressor_cell: str = "all"  # target = position normalised to the whole cell box
     dropout: float = 0.1  # dropout in MLPs and attention layers

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-RANKING_LOSSES = ("CCL", "contrastive")
+from spatialoc_ros.models.config import RANKING_LOSSES  # noqa: E402  (one source)
 #: Lower clamp of the CCL negative weights (the seed's recipe).
 CCL_WEIGHT_FLOOR = 0.8
 _LOG_2PI = math.log(2.0 * math.pi)

@@ -15,7 +15,7 @@ import os
 from spatialoc_ros.cli import device_name, finite_float
 from spatialoc_ros.models.convert_pointnet import SEED_POINTNET_NAME, PointNetFileError, describe_pointnet_file
 
-FEATURES = ("class", "color", "position", "num")
+from spatialoc_ros.models.config import OBJECT_FEATURES as FEATURES  # noqa: E402  (one source)
 COLOUR_DROPOUT_DEFAULT = 0.3
 
 

@@ -2,7 +2,7 @@
 
     python -m spatialoc_ros.training.calibrate --base_path DATA --path_coarse C.pth [--out C2.pth]
 
-Two numbers, both kept in the checkpoint's ``extra`` (like the fine stage's ``sigma_scale``) and
+Up to three numbers, kept in the checkpoint's ``extra`` (like the fine stage's ``sigma_scale``) and
 read by :meth:`spatialoc_ros.inference.Localizer.from_checkpoints`:
 
 * ``relation_weight``: the weight of the geometric hint-binding level
@@ -11,8 +11,16 @@ read by :meth:`spatialoc_ros.inference.Localizer.from_checkpoints`:
 * ``temperature``: ``P(cell | text) = softmax(score / temperature)`` over the ranked cells; the
   value that maximises the val likelihood of the queries' true cells (golden-section search on
   log T).
+* ``mixture_within_scale`` and ``mixture_spread_scale`` (only with a fine checkpoint): the
+  published estimate's covariance is ``a * within + b * spread`` (the probability-weighted mean of the
+  top :data:`ESTIMATE_TOP_K` hypotheses' covariances, and the spread of their means); (a, b) on
+  :data:`SCALE_GRID` bring its val 1- and 2-sigma coverage over ALL answers closest to a calibrated
+  Gaussian's (39.3 / 86.5 %; least squares, ties to the pair nearest (1, 1)). The exact moments
+  (1, 1) are too wide when the hypotheses disagree, since the truth sits near one of them, not
+  between them, so b comes out below 1.
 
-Coarse training runs this on its best checkpoint at the end (``--calibrate val``, the default).
+Coarse training runs the first two on its best checkpoint at the end (``--calibrate val``, the
+default); this CLI, given the fine checkpoint too, fits all three.
 """
 from __future__ import annotations
 
@@ -27,6 +35,10 @@ import numpy as np
 WEIGHT_GRID: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
 #: Search range of the temperature.
 TEMPERATURE_RANGE: tuple[float, float] = (1e-2, 1e2)
+#: Hypotheses combined into the published estimate (the node's and the evaluation's default top_k).
+ESTIMATE_TOP_K = 5
+#: Candidate factors of the mixture's two covariance terms.
+SCALE_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 81))
 
 
 def _recalls(scores: np.ndarray, true: np.ndarray, ks=(1, 5)) -> tuple[float, ...]:
@@ -84,18 +96,111 @@ def fit_calibration(learned: np.ndarray, geometric: np.ndarray, true: np.ndarray
             "val_recall@1_learned_only": _recalls(learned, true)[0]}
 
 
+def mixture_d2(offsets: np.ndarray, within: np.ndarray, spread: np.ndarray, a: float, b: float) -> np.ndarray:
+    """Squared Mahalanobis distances of (N, 2) offsets (truth - mean; NaN rows = another scene ->
+    inf) under a * within + b * spread ((N, 2, 2) each)."""
+    cov = a * within + b * spread + 1e-9 * np.eye(2)
+    ok = np.all(np.isfinite(offsets), axis=1)
+    out = np.full(len(offsets), np.inf)
+    if ok.any():
+        x = offsets[ok]
+        out[ok] = np.einsum("ni,ni->n", x, np.linalg.solve(cov[ok], x[..., None])[..., 0])
+    return out
+
+
+def fit_mixture_scales(offsets: np.ndarray, within: np.ndarray, spread: np.ndarray,
+                       grid: Sequence[float] = SCALE_GRID) -> tuple[float, float]:
+    """(a, b) of :func:`mixture_d2` whose 1- and 2-sigma coverage is closest to 1 - exp(-k^2 / 2)."""
+    if len(offsets) == 0:
+        raise ValueError("no estimates to fit the mixture scales on")
+    targets = [(k, 1.0 - math.exp(-0.5 * k * k)) for k in (1, 2)]
+    best = None
+    for a in grid:
+        for b in grid:
+            d2 = mixture_d2(offsets, within, spread, a, b)
+            err = sum((float(np.mean(d2 <= k * k)) - t) ** 2 for k, t in targets)
+            key = (round(err, 6), (a - 1.0) ** 2 + (b - 1.0) ** 2)
+            if best is None or key < best[0]:
+                best = (key, (float(a), float(b)))
+    return best[1]
+
+
+def _mixture_terms(localizer, queries, poses, progress: bool):
+    """(offsets truth - mean (N, 2; NaN = another scene), within (N, 2, 2), spread (N, 2, 2)) of
+    the localizer's top-ESTIMATE_TOP_K mixtures for ``queries`` with the truths of ``poses``."""
+    from spatialoc_ros.inference import mixture_moments
+
+    rows = localizer.localize_many(queries, top_k=ESTIMATE_TOP_K, progress=progress)
+    offsets = np.full((len(poses), 2), np.nan)
+    within = np.tile(np.eye(2), (len(poses), 1, 1))
+    spread = np.zeros((len(poses), 2, 2))
+    for i, (row, p) in enumerate(zip(rows, poses)):
+        same = [h for h in row if h.scene == row[0].scene]
+        mean, within[i], spread[i] = mixture_moments(np.array([h.probability for h in same]),
+                                                     np.stack([h.mean_xy for h in same]),
+                                                     np.stack([h.cov_xy for h in same]))
+        if row[0].scene == p.scene_name:
+            offsets[i] = np.asarray(p.pose_w, dtype=np.float64)[0:2] - mean
+    return offsets, within, spread
+
+
 def calibrate_localizer(localizer, data, progress: bool = True) -> dict:
-    """:func:`fit_calibration` on the queries and cells of ``data`` (a loaded split) with the
-    localizer's coarse model; sets the map of ``localizer`` to the split's cells."""
+    """Fit every calibration value on the queries and cells of ``data`` (a loaded split) and leave
+    ``localizer`` calibrated (its map becomes the split's cells):
+
+    * the relation weight and temperature on the whole queries (:func:`fit_calibration`);
+    * for each hint count n of CALIBRATED_HINT_COUNTS, on the queries cut to n of their hints (a
+      random subset, seed 0, as the evaluation does): the temperature, and with a fine model the
+      two mixture scales (:func:`fit_mixture_scales`); the lists go to ``*_by_hints``, and the
+      scalars are the values of the whole queries.
+    """
     from spatialoc_ros.data.loading import query_text
+    from spatialoc_ros.evaluation.pipeline import hint_subsets
+    from spatialoc_ros.models.checkpoint import CALIBRATED_HINT_COUNTS
 
     localizer.set_map(data.cells, progress=progress)
     poses = [p for p in data.poses if p.cell_id in localizer._id_to_index]
     if not poses:
         raise ValueError("no val query has its cell in the map")
-    learned, geometric = localizer.score_levels([query_text(p) for p in poses], progress=progress)
+    texts = [query_text(p) for p in poses]
+    learned, geometric = localizer.score_levels(texts, progress=progress)
     true = np.array([localizer.cell_index(p.cell_id) for p in poses])
-    return fit_calibration(learned, geometric, true)
+    result = fit_calibration(learned, geometric, true)
+    weight = result["relation_weight"]
+    localizer.relation_weight, localizer.temperature = weight, result["temperature"]
+    localizer.by_hints = {}
+    localizer.set_map(data.cells, progress=progress)  # with the geometric level of the fitted weight
+    hint_lists = [localizer.understand(t).hints for t in texts]
+    lists: dict[str, list] = {"temperature_by_hints": [], "mixture_within_scale_by_hints": [],
+                              "mixture_spread_scale_by_hints": []}
+    for n in CALIBRATED_HINT_COUNTS:
+        sub = hint_subsets(hint_lists, n)
+        lo, geo = localizer.score_levels(sub, progress=progress)
+        temperature = fit_temperature(lo + weight * geo, true)
+        lists["temperature_by_hints"].append(temperature)
+        if localizer.fine is None:
+            continue
+        localizer.temperature = temperature
+        offsets, within, spread = _mixture_terms(localizer, sub, poses, progress)
+        a, b = fit_mixture_scales(offsets, within, spread)
+        lists["mixture_within_scale_by_hints"].append(a)
+        lists["mixture_spread_scale_by_hints"].append(b)
+        d2 = mixture_d2(offsets, within, spread, a, b)
+        for k in (1, 2):
+            result[f"val_{n}_hints_estimate_cover{k}"] = float(np.mean(d2 <= k * k))
+        if n == max(len(h) for h in hint_lists):
+            result["mixture_within_scale"], result["mixture_spread_scale"] = a, b
+            for k in (1, 2, 3):
+                result[f"val_estimate_cover{k}"] = float(np.mean(d2 <= k * k))
+    localizer.temperature = result["temperature"]
+    for key, values in lists.items():
+        if values:
+            result[key] = values
+            localizer.by_hints[key] = tuple(values)
+    if "mixture_within_scale" in result:
+        localizer.mixture_within_scale = result["mixture_within_scale"]
+        localizer.mixture_spread_scale = result["mixture_spread_scale"]
+    return result
 
 
 def store_calibration(path: str, result: dict, out: Optional[str] = None) -> str:
@@ -110,7 +215,14 @@ def store_calibration(path: str, result: dict, out: Optional[str] = None) -> str
 
     extra = {**(extra or {}), "relation_weight": float(result["relation_weight"]),
              "temperature": float(result["temperature"]),
-             "calibration": {k: float(v) for k, v in result.items()}}
+             "calibration": {k: float(v) for k, v in result.items() if not isinstance(v, list)}}
+    for key in ("mixture_within_scale", "mixture_spread_scale", "temperature_by_hints",
+                "mixture_within_scale_by_hints", "mixture_spread_scale_by_hints"):
+        if key in result:
+            value = result[key]
+            extra[key] = [float(v) for v in value] if isinstance(value, list) else float(value)
+        else:
+            extra.pop(key, None)  # fitted for another weight / temperature: no longer applies
     target = out or path
     engine.save_run_checkpoint(target, model, cfg, "coarse", extra)
     return target
@@ -125,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base_path", default=None, help="KITTI360Pose folder whose val scene is used "
                         "(default: the synthetic default city)")
     parser.add_argument("--path_coarse", required=True, help="coarse checkpoint to calibrate (written in place)")
-    parser.add_argument("--path_fine", default=None, help="fine checkpoint (default: the shipped one; only "
-                        "its language model is used)")
+    parser.add_argument("--path_fine", default=None, help="fine checkpoint the estimate scale is fitted with "
+                        "(default: the shipped one)")
     parser.add_argument("--out", default=None, help="write the calibrated checkpoint here instead")
     parser.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--text_model", default=None, help="language model override (local folder)")
@@ -161,10 +273,22 @@ def _main(argv) -> int:
 
 
 def format_result(result: dict) -> str:
-    return (f"[calibrate] val: relation weight {result['relation_weight']:g} (recall@1 "
+    text = (f"[calibrate] val: relation weight {result['relation_weight']:g} (recall@1 "
             f"{result['val_recall@1_learned_only']:.3f} -> {result['val_recall@1']:.3f}, recall@5 "
             f"{result['val_recall@5']:.3f}); temperature {result['temperature']:.4f}, true-cell NLL "
             f"{result['val_nll']:.3f}")
+    if "temperature_by_hints" in result:
+        text += "; temperature by hints " + "/".join(f"{t:.3f}" for t in result["temperature_by_hints"])
+    if "mixture_within_scale_by_hints" in result:
+        text += ("; mixture scales by hints (within, spread) " + " ".join(
+            f"({a:.2f}, {b:.2f})" for a, b in zip(result["mixture_within_scale_by_hints"],
+                                                   result["mixture_spread_scale_by_hints"])))
+    if "mixture_within_scale" in result:
+        text += (f"; mixture scales {result['mixture_within_scale']:.2f} (within) / "
+                 f"{result['mixture_spread_scale']:.2f} (spread) (val 1/2/3-sigma coverage "
+                 f"{100 * result['val_estimate_cover1']:.1f} / {100 * result['val_estimate_cover2']:.1f} / "
+                 f"{100 * result['val_estimate_cover3']:.1f} %)")
+    return text
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from spatialoc_ros.cli import finite_float
 from spatialoc_ros.data.loading import load_split, query_text
 from spatialoc_ros.evaluation.metrics import coarse_recall
 from spatialoc_ros.inference import Localizer
+from spatialoc_ros.models.config import RANKING_LOSSES, CoarseConfig
 from spatialoc_ros.training import args as targs
 from spatialoc_ros.training import engine
 from spatialoc_ros.training.datasets import CellCollator, QueryDataset, UniqueCellBatchSampler, worker_init
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fae_highpass_ratio", type=finite_float, default=0.7, help="FAE: share of low frequency bins zeroed")
     g.add_argument("--dropout", type=finite_float, default=0.1, help="dropout in MLPs and transformer layers")
     g = parser.add_argument_group("ranking loss")
-    g.add_argument("--ranking_loss", type=str, default="CCL", choices=("CCL", "contrastive"),
+    g.add_argument("--ranking_loss", type=str, default=CoarseConfig.ranking_loss, choices=RANKING_LOSSES,
                    help="CCL: complementary contrastive loss; contrastive: symmetric InfoNCE")
     g.add_argument("--temperature", type=finite_float, default=0.05, help="softmax temperature of the ranking loss")
     g.add_argument("--alpha", type=finite_float, default=2.0, help="CCL weight exponent 1/alpha")
@@ -196,44 +196,27 @@ def train(args: argparse.Namespace) -> int:
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters; run folder {folder}")
     csv_log = engine.MetricsCSV(f"{folder}/{engine.METRICS_NAME}", resume=bool(args.resume))
 
+    def step(batch):
+        hints = hint_encoder.batch(batch.hints, device)
+        cells = batch.cells.to(device)
+        terms = ranking_terms(model, model.encode_text(hints), model.encode_cells(cells), cfg, args.level_weights)
+        return terms, {}, {"samples": len(batch.hints)}
+
     for epoch in range(start_epoch, args.epochs + 1):
-        model.train()
         sampler.set_epoch(epoch)
         dataset.reseed(args.seed * 1000 + epoch)
         collate.reseed(args.seed * 1000 + epoch + 500)
         lr = optimizer.param_groups[0]["lr"]
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        n_batches, n_samples = 0, 0
         total = len(sampler) if args.max_batches is None else min(len(sampler), args.max_batches)
-        bar = tqdm(loader, total=total, desc=f"coarse epoch {epoch}/{args.epochs}", disable=not progress, leave=False)
-        for i, batch in enumerate(bar, start=1):
-            hints = hint_encoder.batch(batch.hints, device)
-            cells = batch.cells.to(device)
-            terms = ranking_terms(model, model.encode_text(hints), model.encode_cells(cells), cfg, args.level_weights)
-            loss = sum(terms.values())
-            engine.check_finite({**terms, "total": loss}, epoch, i, lr)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            engine.clip_and_check(model, args.grad_clip, epoch, i, lr)
-            optimizer.step()
-            for k, v in {"loss": loss, **terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            n_batches += 1
-            n_samples += len(batch.hints)
-            bar.set_postfix(loss=f"{sums['loss'] / n_batches:.3f}")
-            if args.max_batches is not None and i >= args.max_batches:
-                break
-        bar.close()
-        train_time = time.perf_counter() - t0
+        ep = engine.train_epoch(model, loader, step, optimizer, args, epoch, total,
+                                f"coarse epoch {epoch}/{args.epochs}", progress)
+        train_time, n_samples = ep.seconds, ep.samples
         scheduler.step()
-        if n_batches == 0:
-            raise SystemExit("error: no training batch (too few train queries for --batch_size?)")
         t1 = time.perf_counter()
         val = validate(model, cfg, hint_encoder, val_data, device, args.top_k, args.max_val_queries,
                        progress, args.max_tokens)
         val_time = time.perf_counter() - t1
-        row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v / n_batches for k, v in sums.items()}, **val,
+        row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in ep.means.items()}, **val,
                "train_samples_per_s": n_samples / max(train_time, 1e-9), "train_time_s": train_time,
                "val_time_s": val_time}
         csv_log.write(row)

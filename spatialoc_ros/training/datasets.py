@@ -45,7 +45,7 @@ from spatialoc_ros.language.parser import Hint, render_hint
 
 log = logging.getLogger(__name__)
 
-FLIPS: tuple[Optional[str], ...] = (None, "x", "y", "xy")
+from spatialoc_ros.models.cell_tensors import FLIPS  # noqa: E402  (one source)
 _SWAPS = {"x": ("east", "west"), "y": ("north", "south")}
 
 

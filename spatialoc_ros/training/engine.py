@@ -1,5 +1,6 @@
 """Pieces shared by the coarse and fine training loops: run folder, seeding, optimiser and schedule,
-the non-finite-loss guard, the per-epoch metrics CSV and resumable checkpoints."""
+the one epoch loop (:func:`train_epoch`), the non-finite-loss guard, the per-epoch metrics CSV and
+resumable checkpoints."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,9 @@ import json
 import os
 import random
 import sys
-from typing import Optional
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -22,6 +25,57 @@ METRICS_NAME = "metrics.csv"
 
 class NonFiniteLossError(RuntimeError):
     """A loss term or the gradient norm became NaN / inf; training cannot go on."""
+
+
+@dataclass
+class EpochResult:
+    """What one training epoch measured: mean of every logged term, batches, samples, seconds,
+    and the sums of the per-batch counters a step returned."""
+
+    means: dict
+    batches: int
+    samples: int
+    seconds: float
+    counters: dict
+
+
+def train_epoch(model: torch.nn.Module, loader, step: Callable, optimizer: torch.optim.Optimizer,
+                args: argparse.Namespace, epoch: int, total: int, desc: str, progress: bool) -> EpochResult:
+    """One epoch of either trainer: for every batch, ``step(batch)`` returns (loss terms (tensors
+    summed into the loss), logged extras (tensors / floats, not optimised), counters (ints:
+    'samples' and any other)); the loss is checked for non-finite values, back-propagated, the
+    gradient clipped (``args.grad_clip``) and checked, the optimiser stepped. Stops after
+    ``args.max_batches`` batches when set. Raises SystemExit when no batch ran."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    lr = optimizer.param_groups[0]["lr"]
+    t0 = time.perf_counter()
+    sums: dict[str, float] = {}
+    counters: dict[str, int] = {}
+    n_batches = 0
+    bar = tqdm(loader, total=total, desc=desc, disable=not progress, leave=False)
+    for i, batch in enumerate(bar, start=1):
+        terms, extras, counts = step(batch)
+        loss = sum(terms.values())
+        check_finite({**terms, "total": loss}, epoch, i, lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_and_check(model, args.grad_clip, epoch, i, lr)
+        optimizer.step()
+        for k, v in {"loss": loss, **terms, **extras}.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+        for k, v in counts.items():
+            counters[k] = counters.get(k, 0) + int(v)
+        n_batches += 1
+        bar.set_postfix(loss=f"{sums['loss'] / n_batches:.3f}")
+        if args.max_batches is not None and i >= args.max_batches:
+            break
+    bar.close()
+    if n_batches == 0:
+        raise SystemExit("error: no training batch (too few train queries for --batch_size?)")
+    return EpochResult({k: v / n_batches for k, v in sums.items()}, n_batches, counters.get("samples", 0),
+                       time.perf_counter() - t0, counters)
 
 
 def check_finite(terms: dict[str, torch.Tensor], epoch: int, batch: int, lr: float) -> None:

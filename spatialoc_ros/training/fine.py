@@ -25,9 +25,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from spatialoc_ros.cli import finite_float
+from spatialoc_ros.models.config import FineConfig
 from spatialoc_ros.data.loading import load_split, query_text
 from spatialoc_ros.evaluation.metrics import calibration_summary, mahalanobis_sq
 from spatialoc_ros.inference import Localizer
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nll: Gaussian negative log-likelihood (UGFL); mse: mean only (ablation)")
     g.add_argument("--beta", type=finite_float, default=0.0,
                    help="beta-NLL exponent: each sample's NLL is weighted by stop_grad(det Sigma)^(beta/2) (0 = NLL)")
-    g.add_argument("--matching_weight", type=finite_float, default=0.0,
+    g.add_argument("--matching_weight", type=finite_float, default=FineConfig.matching_weight,
                    help="weight of the anchor head's hint->object matching ranking loss (in-batch cells "
                    "as negatives; ignored by --mean_head direct). Default 0 (off): on the synthetic "
                    "default city 0.2 gave a val mean error of 3.8 m against 3.1 m without it")
@@ -208,47 +208,29 @@ def train(args: argparse.Namespace) -> int:
           f"parameters; best by {select_key}; run folder {folder}")
     csv_log = engine.MetricsCSV(f"{folder}/{engine.METRICS_NAME}", resume=bool(args.resume))
 
+    def step(batch):
+        hints = hint_encoder.batch(batch.hints, device)
+        target = batch.targets.to(device)
+        gaussian, matching = model.forward_with_matching(hints, batch.cells.to(device))
+        terms = loss_terms(gaussian, matching, target, cfg)
+        err = torch.linalg.vector_norm(gaussian.mean.detach() - target, dim=-1).mean()
+        return terms, {"error_cells": err}, {"samples": len(batch.hints), "cloned": int(batch.cloned)}
+
     for epoch in range(start_epoch, args.epochs + 1):
-        model.train()
         sampler.set_epoch(epoch)
         dataset.reseed(args.seed * 1000 + epoch)
         collate.reseed(args.seed * 1000 + epoch + 500)
         lr = optimizer.param_groups[0]["lr"]
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        n_batches = n_samples = n_cloned = 0
         total = len(sampler) if args.max_batches is None else min(len(sampler), args.max_batches)
-        bar = tqdm(loader, total=total, desc=f"fine epoch {epoch}/{args.epochs}", disable=not progress, leave=False)
-        for i, batch in enumerate(bar, start=1):
-            hints = hint_encoder.batch(batch.hints, device)
-            target = batch.targets.to(device)
-            gaussian, matching = model.forward_with_matching(hints, batch.cells.to(device))
-            terms = loss_terms(gaussian, matching, target, cfg)
-            loss = sum(terms.values())
-            engine.check_finite({**terms, "total": loss}, epoch, i, lr)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            engine.clip_and_check(model, args.grad_clip, epoch, i, lr)
-            optimizer.step()
-            err = torch.linalg.vector_norm(gaussian.mean.detach() - target, dim=-1).mean()
-            for k, v in {"loss": loss, **terms, "error_cells": err}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            n_batches += 1
-            n_samples += len(batch.hints)
-            n_cloned += batch.cloned
-            bar.set_postfix(loss=f"{sums['loss'] / n_batches:.3f}")
-            if args.max_batches is not None and i >= args.max_batches:
-                break
-        bar.close()
-        train_time = time.perf_counter() - t0
+        ep = engine.train_epoch(model, loader, step, optimizer, args, epoch, total,
+                                f"fine epoch {epoch}/{args.epochs}", progress)
+        train_time, n_samples, n_cloned = ep.seconds, ep.samples, ep.counters.get("cloned", 0)
         scheduler.step()
-        if n_batches == 0:
-            raise SystemExit("error: no training batch")
         t1 = time.perf_counter()
         val = val_metrics(*predict_val(model, cfg, hint_encoder, val_data, device, args.max_val_queries,
                                        args.max_tokens))
         val_time = time.perf_counter() - t1
-        row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v / n_batches for k, v in sums.items()},
+        row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in ep.means.items()},
                "train_cloned_share": n_cloned / max(n_samples, 1), **val,
                "train_samples_per_s": n_samples / max(train_time, 1e-9), "train_time_s": train_time,
                "val_time_s": val_time}
