@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from spatialoc_ros.data.kitti360pose import Cell, Object3d  # noqa: E402
 from spatialoc_ros.data.loading import load_split, query_text  # noqa: E402
 from spatialoc_ros.inference import PRESELECT_ABOVE, Localizer  # noqa: E402
+from spatialoc_ros.cli import device_name  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -33,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--base_path", default=None, help="KITTI360Pose folder (default: the synthetic default city)")
     p.add_argument("--path_coarse", default=None, help="coarse checkpoint (default: shipped)")
     p.add_argument("--path_fine", default=None, help="fine checkpoint (default: shipped)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", type=device_name, metavar="{auto,cpu,cuda,cuda:N}")
     p.add_argument("--cells", type=int, nargs="+", default=[1, 2000, 100000], help="map sizes")
     p.add_argument("--queries", type=int, default=30, help="timed queries per map size")
     p.add_argument("--warmup", type=int, default=3, help="untimed queries first")

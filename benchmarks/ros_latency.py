@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spatialoc_ros import demo  # noqa: E402  (install lookup, netns helpers)
+from spatialoc_ros.cli import device_name  # noqa: E402
 
 NAMESPACE = "/spatialoc"
 _NETNS_FLAG = "SPATIALOC_BENCH_IN_NETNS"
@@ -38,7 +39,7 @@ _NETNS_FLAG = "SPATIALOC_BENCH_IN_NETNS"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     m = p.add_argument_group("model")
-    m.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    m.add_argument("--device", default="auto", type=device_name, metavar="{auto,cpu,cuda,cuda:N}")
     m.add_argument("--coarse_checkpoint", default="", help="'' = shipped")
     m.add_argument("--fine_checkpoint", default="", help="'' = shipped")
     m.add_argument("--text_model", default="minilm")

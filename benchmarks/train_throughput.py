@@ -28,6 +28,7 @@ from spatialoc_ros.models.text_encoder import FrozenTextEncoder, HintEncoder  # 
 from spatialoc_ros.training.coarse import ranking_terms  # noqa: E402
 from spatialoc_ros.training.datasets import CellCollator, QueryDataset, UniqueCellBatchSampler  # noqa: E402
 from spatialoc_ros.training.fine import loss_terms  # noqa: E402
+from spatialoc_ros.cli import device_name  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -35,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--base_path", default=None, help="KITTI360Pose folder (default: the synthetic default city)")
     p.add_argument("--path_coarse", default=None, help="checkpoint whose config to use (default: shipped)")
     p.add_argument("--path_fine", default=None, help="checkpoint whose config to use (default: shipped)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", type=device_name, metavar="{auto,cpu,cuda,cuda:N}")
     p.add_argument("--coarse_batch_size", type=int, default=64)
     p.add_argument("--fine_batch_size", type=int, default=32)
     p.add_argument("--batches", type=int, default=12, help="timed batches per stage")

@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start map_server + localizer over ROS 2 and localise held-out test instructions.",
     )
     m = p.add_argument_group("model")
-    m.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    from spatialoc_ros.cli import device_name
+
+    m.add_argument("--device", default="auto", type=device_name, metavar="{auto,cpu,cuda,cuda:N}",
                    help="localizer device (auto = CUDA when present)")
     m.add_argument("--coarse_checkpoint", "--coarse-checkpoint", default="",
                    help="coarse checkpoint; '' = the shipped one")

@@ -16,7 +16,8 @@ Pipeline of :meth:`Localizer.localize`:
    first keep the ``preselect_top`` cells by the global descriptor alone and re-rank only those with
    all levels (the z-scores are then taken over the pre-selected cells).
 3. **Fine.** UGFL runs on the query and each of the top-k cells in one batch and gives a 2-D
-   Gaussian in cell units. World mean = ``bbox_w[0:2] + mu * cell_size``; world covariance =
+   Gaussian in cell units; with the map's geometry kept, each Gaussian is then updated by where the
+   hints hold on the cell's candidate grid (:func:`spatialoc_ros.models.geometry.refine_in_cell`). World mean = ``bbox_w[0:2] + mu * cell_size``; world covariance =
    ``s^2 * L L^T * cell_size^2`` (m^2), where ``s`` is the scalar calibration factor stored in the
    fine checkpoint's ``extra['sigma_scale']`` (1 when absent). The covariance is symmetrised and its
    eigenvalues are floored at :data:`MIN_VARIANCE_M2` (1 cm standard deviation), so it is always
@@ -300,6 +301,7 @@ class Localizer:
         temperature_by_hints: Optional[Sequence[float]] = None,
         mixture_within_scale_by_hints: Optional[Sequence[float]] = None,
         mixture_spread_scale_by_hints: Optional[Sequence[float]] = None,
+        refine_sharpness: Optional[float] = None,
     ) -> None:
         if coarse_model is None and fine_model is None:
             raise ValueError("a Localizer needs a coarse model, a fine model or both")
@@ -339,14 +341,18 @@ class Localizer:
         given = {"temperature_by_hints": temperature_by_hints,
                  "mixture_within_scale_by_hints": mixture_within_scale_by_hints,
                  "mixture_spread_scale_by_hints": mixture_spread_scale_by_hints}
-        try:
-            check_extra({k: list(v) for k, v in given.items() if v is not None}, "Localizer")
-        except ValueError as e:
-            raise ValueError(str(e)) from None
+        check_extra({k: list(v) for k, v in given.items() if v is not None}, "Localizer")  # a ValueError
         self._calibrated_counts = CALIBRATED_HINT_COUNTS
         for key, values in given.items():
             self.by_hints[key] = None if values is None else tuple(float(v) for v in values)
         self._relations = None  # CellRelations of the map (geometric level), when relation_weight > 0
+        from spatialoc_ros.models.geometry import REFINE_SHARPNESS
+
+        #: Sharpness of the geometric in-cell refinement of the fine stage's Gaussians (0 = off;
+        #: applied when the map's geometry is kept, i.e. relation_weight > 0).
+        self.refine_sharpness = REFINE_SHARPNESS if refine_sharpness is None else float(refine_sharpness)
+        if not (math.isfinite(self.refine_sharpness) and 0.0 <= self.refine_sharpness <= 1e3):
+            raise ValueError(f"refine_sharpness must be a finite number in 0..1000, got {refine_sharpness}")
         #: Non-finite model outputs seen so far, by kind ('cell_embedding', 'score', 'hypothesis').
         self.nonfinite: collections.Counter = collections.Counter()
         self.batch_size = int(batch_size)
@@ -618,6 +624,21 @@ class Localizer:
         cov = torch.cat(covs).numpy().astype(np.float64).reshape(B, K, 2, 2) * self.sigma_scale**2
         return FinePrediction(mean, cov)
 
+    def _refine(self, pred: FinePrediction, cell_indices: np.ndarray, hints: Sequence) -> FinePrediction:
+        """:func:`spatialoc_ros.models.geometry.refine_in_cell` of every (query, cell) Gaussian, when
+        the map's geometry is kept and refinement is on; ``hints``: the B queries' hints."""
+        if self._relations is None or self.refine_sharpness <= 0 or self.fine is None:
+            return pred
+        from spatialoc_ros.models.geometry import candidate_grid, refine_in_cell, satisfied_hints
+
+        grid = candidate_grid()
+        mean, cov = pred.mean.copy(), pred.cov.copy()
+        for b in range(cell_indices.shape[0]):
+            rows = torch.as_tensor(cell_indices[b], device=self._relations.mask.device)
+            share = satisfied_hints(hints[b], self._relations.index(rows), len(grid)).float().mean(dim=1)
+            mean[b], cov[b] = refine_in_cell(share.cpu().numpy(), grid, mean[b], cov[b], self.refine_sharpness)
+        return FinePrediction(mean, cov)
+
     def _hypotheses(self, idx_row, score_row, mean_row, cov_row, retrieved: bool = True,
                     prob_row=None, num_hints: int = 0) -> list[Hypothesis]:
         """Hypotheses of one query; non-finite ones are counted, logged and left out; raises
@@ -732,7 +753,7 @@ class Localizer:
             idx, scores, probs = self._retrieve(text_emb, int(top_k), parsed[start:start + bs])
             _sync(self.device)
             t2 = time.perf_counter()
-            pred = self._predict_fine(hb_fine, idx)
+            pred = self._refine(self._predict_fine(hb_fine, idx), idx, parsed[start:start + bs])
             _sync(self.device)
             t3 = time.perf_counter()
             timings["text_ms"] += 1e3 * (t1 - t0)
@@ -795,16 +816,19 @@ class Localizer:
         unknown = [c for c in cell_ids if c not in self._id_to_index]
         if unknown:
             raise ValueError(f"cell {unknown[0]!r} is not in the map")
-        hints = [parse_query(t, self.min_hints) for t in texts]
+        from spatialoc_ros.language import render_hints
+
+        parsed = [understand(t, self.min_hints).hints for t in texts]
         out: list[Hypothesis] = []
         bs = max(self.batch_size, 1) * 4
-        for start in tqdm(range(0, len(hints), bs), desc="fine in given cells", disable=not progress, unit="batch"):
-            chunk = hints[start:start + bs]
+        for start in tqdm(range(0, len(parsed), bs), desc="fine in given cells", disable=not progress, unit="batch"):
+            chunk = parsed[start:start + bs]
             idx = np.array([[self._id_to_index[c]] for c in cell_ids[start:start + bs]])
-            hb = self._hint_batch("fine", chunk) if self.fine is not None else None
-            pred = self._predict_fine(hb, idx)
+            hb = self._hint_batch("fine", [render_hints(h) for h in chunk]) if self.fine is not None else None
+            pred = self._refine(self._predict_fine(hb, idx), idx, chunk)
             for b in range(len(chunk)):
-                out.extend(self._hypotheses(idx[b], [float("nan")], pred.mean[b], pred.cov[b], retrieved=False))
+                out.extend(self._hypotheses(idx[b], [float("nan")], pred.mean[b], pred.cov[b], retrieved=False,
+                                            num_hints=len(chunk[b])))
         return out
 
     def cell_index(self, cell_id: str) -> int:

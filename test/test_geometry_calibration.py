@@ -119,7 +119,8 @@ def test_mixture_scales_fit_a_known_spread():
     offsets[:, 0] += side * sep / 2
     exact = calibrate.mixture_d2(offsets, within, spread, 1.0, 1.0)
     assert abs(np.mean(exact <= 1) - 0.393) > 0.05  # the exact moments miss
-    a, b = calibrate.fit_mixture_scales(offsets, within, spread)
+    a, b = calibrate.fit_mixture_scales(offsets, within, spread, within_grid=calibrate.SCALE_GRID)
+    assert calibrate.fit_mixture_scales(offsets, within, spread)[0] == 1.0  # the default keeps a = 1
     d2 = calibrate.mixture_d2(offsets, within, spread, a, b)
     assert abs(np.mean(d2 <= 1) - 0.393) < 0.02 and abs(np.mean(d2 <= 4) - 0.865) < 0.02
     offsets[:10] = np.nan  # answers in another scene are never covered
@@ -254,3 +255,21 @@ def test_calibration_values_out_of_range_are_refused(calibrated, tmp_path):
         save_checkpoint(bad, model, cfg, "coarse", {**extra, key: value})
         with pytest.raises(CheckpointError, match=key):
             load_checkpoint(bad, "coarse", torch.device("cpu"))
+
+
+def test_refinement_moves_the_gaussian_to_where_the_hints_hold():
+    grid = geometry.candidate_grid()
+    share = np.zeros((2, len(grid)))
+    target = np.argmin(np.linalg.norm(grid - [0.6, 0.55], axis=1))
+    share[:, target] = 1.0  # the hints hold at one grid point only
+    mean = np.array([[0.5, 0.5], [0.5, 0.5]])
+    cov = np.stack([np.eye(2) * 0.05 ** 2, np.eye(2) * 0.05 ** 2])
+    m, c = geometry.refine_in_cell(share, grid, mean, cov, sharpness=16.0)
+    assert np.linalg.norm(m[0] - grid[target]) < np.linalg.norm(mean[0] - grid[target]) / 2
+    assert np.all(np.linalg.eigvalsh(c[0]) > 0) and np.trace(c[0]) < np.trace(cov[0])
+    m0, c0 = geometry.refine_in_cell(share, grid, mean, cov, sharpness=0.0)  # no likelihood: prior on the grid
+    np.testing.assert_allclose(m0[0], [0.5, 0.5], atol=1e-6)
+    bad = cov.copy()
+    bad[1, 0, 0] = np.nan  # a non-finite row is returned unchanged
+    mb, cb = geometry.refine_in_cell(share, grid, mean, bad)
+    assert np.isnan(cb[1, 0, 0]) and np.allclose(mb[1], mean[1])

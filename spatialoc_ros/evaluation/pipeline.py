@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--relation_weight", type=finite_float, default=None,
                    help="override the geometric level's weight stored in the coarse checkpoint (0 = the "
                    "learned levels alone: the ablation)")
+    g.add_argument("--refine_sharpness", type=finite_float, default=None,
+                   help="sharpness of the geometric in-cell refinement (default: the Localizer's; 0 = off: "
+                   "the ablation)")
     g.add_argument("--temperature", type=finite_float, default=None,
                    help="override the cell-probability temperature stored in the coarse checkpoint")
     g.add_argument("--hint_counts", type=int, nargs="*", default=[3, 4, 5, 6],
@@ -292,10 +295,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     check_number(parser, "--hint_counts", args.hint_counts, low=1)
     check_number(parser, "--relation_weight", args.relation_weight, *EXTRA_RANGES["relation_weight"][1:])
     check_number(parser, "--temperature", args.temperature, *EXTRA_RANGES["temperature"][1:])
-    overrides = {k: getattr(args, k) for k in ("sigma_scale", "relation_weight", "temperature")
+    check_number(parser, "--refine_sharpness", args.refine_sharpness, 0.0, 1e3)
+    overrides = {k: getattr(args, k) for k in ("sigma_scale", "relation_weight", "temperature", "refine_sharpness")
                  if getattr(args, k) is not None}
     localizer = Localizer.from_checkpoints(path_coarse, path_fine, text_model=args.text_model,
                                            device=str(device), batch_size=args.batch_size, **overrides)
+    if args.temperature is not None:  # an explicit temperature replaces the per-hint-count ones
+        localizer.by_hints["temperature_by_hints"] = None
     check_features(args, localizer.coarse_cfg, "coarse")
     check_features(args, localizer.fine_cfg, "fine")
 

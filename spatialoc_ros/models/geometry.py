@@ -11,7 +11,9 @@ This module evaluates that rule directly, without learning, as one more retrieva
 * **Per cell, once (map time)** -- :func:`cell_relations`: on a square grid of candidate positions
   around the cell centre (:data:`GRID_HALF_WIDTH` either side, :data:`GRID_STEPS` per axis), the
   direction class of every object as the data set's rule would state it (vector from the object's
-  closest point to the candidate position), plus each object's class and colour name.
+  closest point to the candidate position; the closest point is taken in x-y, where the release
+  takes it in 3-D from the sensor height: the same point for walls, poles and the ground under
+  the position), plus each object's class and colour name.
 * **Per query** -- :func:`binding_scores`: a hint is satisfied at a candidate position when some
   object of its class, and of its colour (any colour when the hint gives none), lies in the stated
   direction there. A cell's score is a soft maximum over its candidate positions of the share of
@@ -183,7 +185,8 @@ def hint_tensors(hints: Sequence) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 @torch.no_grad()
 def satisfied_hints(hints: Sequence, rel: CellRelations, grid_size: int = GRID_STEPS ** 2) -> torch.Tensor:
     """(N, H, G) bool: hint h holds at candidate position g of cell n (some object of its class and
-    colour lies in its direction there)."""
+    colour lies in its direction there). ``grid_size``: the number of candidate positions the
+    relations were computed on (the default grid's unless :func:`cell_relations` got another)."""
     if len(hints) == 0:
         raise ValueError("satisfied_hints needs at least one hint")
     d, c, lab = (t.to(rel.mask.device) for t in hint_tensors(hints))
@@ -217,3 +220,47 @@ def binding_scores(hints: Sequence, rel: CellRelations, sharpness: float = SHARP
         soft = torch.logsumexp(sharpness * (share - 1.0), dim=1) - math.log(share.shape[1])
         out.append(1.0 + soft / sharpness)
     return torch.cat(out)
+
+
+#: Sharpness of the in-cell refinement (:func:`refine_in_cell`): each unsatisfied hint divides a
+#: candidate position's weight by exp(REFINE_SHARPNESS / H). Measured on the default city (val and
+#: test, fine stage on the top cell when it is right): median error 2.6 m without, 2.2 / 2.0 / 1.8 m
+#: at 4 / 8 / 16, with the 1/2-sigma coverage staying at 38-42 / 87-90 %.
+REFINE_SHARPNESS = 16.0
+
+
+def refine_in_cell(share: np.ndarray, grid: np.ndarray, mean: np.ndarray, cov: np.ndarray,
+                   sharpness: float = REFINE_SHARPNESS) -> tuple[np.ndarray, np.ndarray]:
+    """The fine stage's Gaussian updated by where the hints hold (cell units).
+
+    share (K, G): share of hints satisfied at each candidate position (:func:`satisfied_hints`
+    averaged over hints); grid (G, 2) the candidate positions; mean (K, 2), cov (K, 2, 2) the
+    fine stage's Gaussians. Each candidate gets the weight N(g; mean, cov) * exp(sharpness * share);
+    the result is the weighted mean and covariance of the candidates (plus the grid's own
+    quantisation variance), i.e. the moment-matched posterior of the UGFL prior and the geometric
+    likelihood on the grid. Rows whose inputs are not finite are returned unchanged (they are left
+    out downstream).
+    """
+    share = np.asarray(share, dtype=np.float64)
+    grid = np.asarray(grid, dtype=np.float64)
+    out_mean = np.array(mean, dtype=np.float64, copy=True)
+    out_cov = np.array(cov, dtype=np.float64, copy=True)
+    spacing = np.abs(np.diff(np.unique(grid[:, 0]))).min() if len(np.unique(grid[:, 0])) > 1 else 0.0
+    quant = np.eye(2) * spacing ** 2 / 12.0
+    for k in range(len(out_mean)):
+        mu, sigma = out_mean[k], out_cov[k]
+        if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma)) and np.all(np.isfinite(share[k]))):
+            continue
+        d = grid - mu
+        try:
+            maha = np.einsum("gi,gi->g", d, np.linalg.solve(sigma, d.T).T)
+        except np.linalg.LinAlgError:
+            continue
+        logw = -0.5 * maha + sharpness * share[k]
+        w = np.exp(logw - logw.max())
+        w /= w.sum()
+        m = w @ grid
+        c = grid - m
+        out_mean[k] = m
+        out_cov[k] = np.einsum("g,gi,gj->ij", w, c, c) + quant
+    return out_mean, out_cov

@@ -349,7 +349,7 @@ def hypothesis_to_msg(hyp, rank: int) -> HypothesisMsg:
     msg.scene = str(hyp.scene)
     msg.rank = int(rank)
     msg.score = float(hyp.score)
-    msg.probability = float(hyp.probability) if math.isfinite(float(hyp.probability)) else 0.0
+    msg.probability = float(hyp.probability)  # NaN only for cells given, not retrieved (never published)
     msg.pose = gaussian_to_pose_with_covariance(hyp.mean_xy, hyp.cov_xy)
     msg.pos_in_cell = np.asarray(hyp.pos_in_cell, dtype=np.float64).reshape(2)
     msg.cell_bbox_w = np.asarray(hyp.bbox_w, dtype=np.float64).reshape(6)

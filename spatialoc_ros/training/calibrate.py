@@ -13,11 +13,11 @@ read by :meth:`spatialoc_ros.inference.Localizer.from_checkpoints`:
   log T).
 * ``mixture_within_scale`` and ``mixture_spread_scale`` (only with a fine checkpoint): the
   published estimate's covariance is ``a * within + b * spread`` (the probability-weighted mean of the
-  top :data:`ESTIMATE_TOP_K` hypotheses' covariances, and the spread of their means); (a, b) on
-  :data:`SCALE_GRID` bring its val 1- and 2-sigma coverage over ALL answers closest to a calibrated
-  Gaussian's (39.3 / 86.5 %; least squares, ties to the pair nearest (1, 1)). The exact moments
-  (1, 1) are too wide when the hypotheses disagree, since the truth sits near one of them, not
-  between them, so b comes out below 1.
+  top :data:`ESTIMATE_TOP_K` hypotheses' covariances, and the spread of their means); b on
+  :data:`SCALE_GRID` (a on :data:`WITHIN_GRID`, i.e. 1) brings its val 1- and 2-sigma coverage over
+  ALL answers closest to a calibrated Gaussian's (39.3 / 86.5 %; least squares, ties to the value
+  nearest 1). The exact moments (b = 1) are too wide when the hypotheses disagree, since the truth
+  sits near one of them, not between them, so b comes out below 1 with many hints.
 
 Coarse training runs the first two on its best checkpoint at the end (``--calibrate val``, the
 default); this CLI, given the fine checkpoint too, fits all three.
@@ -37,8 +37,12 @@ WEIGHT_GRID: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 
 TEMPERATURE_RANGE: tuple[float, float] = (1e-2, 1e2)
 #: Hypotheses combined into the published estimate (the node's and the evaluation's default top_k).
 ESTIMATE_TOP_K = 5
-#: Candidate factors of the mixture's two covariance terms.
+#: Candidate factors of the spread term of the mixture's covariance.
 SCALE_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 81))
+#: Candidate factors of its within term: 1 only, since the hypotheses' own covariances are already
+#: calibrated (the fine stage's sigma_scale); fitting both on one val scene made the pair jump
+#: between hint counts (two factors, two targets, a few hundred queries).
+WITHIN_GRID: tuple[float, ...] = (1.0,)
 
 
 def _recalls(scores: np.ndarray, true: np.ndarray, ks=(1, 5)) -> tuple[float, ...]:
@@ -109,13 +113,15 @@ def mixture_d2(offsets: np.ndarray, within: np.ndarray, spread: np.ndarray, a: f
 
 
 def fit_mixture_scales(offsets: np.ndarray, within: np.ndarray, spread: np.ndarray,
-                       grid: Sequence[float] = SCALE_GRID) -> tuple[float, float]:
-    """(a, b) of :func:`mixture_d2` whose 1- and 2-sigma coverage is closest to 1 - exp(-k^2 / 2)."""
+                       grid: Sequence[float] = SCALE_GRID,
+                       within_grid: Sequence[float] = WITHIN_GRID) -> tuple[float, float]:
+    """(a, b) of :func:`mixture_d2` whose 1- and 2-sigma coverage is closest to 1 - exp(-k^2 / 2),
+    a from ``within_grid`` and b from ``grid``."""
     if len(offsets) == 0:
         raise ValueError("no estimates to fit the mixture scales on")
     targets = [(k, 1.0 - math.exp(-0.5 * k * k)) for k in (1, 2)]
     best = None
-    for a in grid:
+    for a in within_grid:
         for b in grid:
             d2 = mixture_d2(offsets, within, spread, a, b)
             err = sum((float(np.mean(d2 <= k * k)) - t) ** 2 for k, t in targets)
