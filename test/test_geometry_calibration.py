@@ -273,3 +273,25 @@ def test_refinement_moves_the_gaussian_to_where_the_hints_hold():
     bad[1, 0, 0] = np.nan  # a non-finite row is returned unchanged
     mb, cb = geometry.refine_in_cell(share, grid, mean, bad)
     assert np.isnan(cb[1, 0, 0]) and np.allclose(mb[1], mean[1])
+
+
+def test_relations_match_the_rule_object_by_object(small_city):
+    """cell_relations against the data set's rule applied to each closest point directly."""
+    from spatialoc_ros.data.loading import load_split
+    from spatialoc_ros.models.cell_tensors import _kept_objects
+
+    cells = load_split(small_city, "val").cells[:8]
+    rel = geometry.cell_relations(cells)
+    grid = geometry.candidate_grid()
+    for n, cell in enumerate(cells):
+        objs = _kept_objects([o for o in cell.objects if o.label != "pad"], 28)
+        for o, obj in enumerate(objs):
+            pts = geometry._object_points(obj.xyz, geometry.MAX_POINTS)
+            want = []
+            for g in grid:
+                cp = pts[np.argmin(((pts - g) ** 2).sum(axis=1))]
+                want.append(geometry.DIRECTIONS.index(direction_of(cp, g)))
+            got = geometry._unpack_bits(rel.placed[n, o], len(grid))  # (5, G)
+            assert got.sum(dim=0).eq(1).all()  # one direction per position
+            assert got.int().argmax(dim=0).tolist() == want
+        assert int(rel.mask[n].sum()) == len(objs)
