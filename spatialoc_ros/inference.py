@@ -444,17 +444,18 @@ class Localizer:
             raise ValueError("no map set: call Localizer.set_map(cells) before localising")
 
     @torch.no_grad()
-    def set_map(self, cells: Sequence[Cell], progress: bool = True) -> int:
+    def set_map(self, cells: Sequence[Cell], progress: bool = True, cache_dir: Optional[str] = None) -> int:
         """Embed every cell once (batched) into the retrieval index and make it the map; returns
         the number of cells kept.
 
         The cells should have passed :func:`spatialoc_ros.data.validation.validate_cells`. A cell
         whose embedding is not finite is left out (counted, logged). All-or-nothing otherwise:
         when a cell cannot be embedded (ValueError, e.g. an unknown class) or none is left, the
-        previous map stays in place.
+        previous map stays in place. ``cache_dir``: keep the embedding (and the map's geometry) in
+        an on-disk cache keyed by the coarse model's and the cells' content
+        (:mod:`spatialoc_ros.models.embedding_cache`); a restart on the same map and model loads it
+        instead of recomputing, a stale or damaged file is rebuilt (logged).
         """
-        from spatialoc_ros.models.cell_tensors import cells_to_batch
-
         cells = list(cells)
         if not cells:
             raise ValueError("set_map needs at least one cell")
@@ -464,47 +465,113 @@ class Localizer:
         for c in cells:
             if not (float(c.cell_size) > 0 and np.all(np.isfinite(np.asarray(c.bbox_w, dtype=np.float64)))):
                 raise ValueError(f"cell {c.id} has an invalid cell_size or bbox_w")
-        index = None
-        if self.coarse is not None:
-            cfg = self.coarse_cfg
-            parts = []
-            bs = max(self.batch_size, 1)
-            for start in tqdm(range(0, len(cells), bs), desc="embedding map cells", disable=not progress,
-                              unit="batch", leave=False):
-                batch = cells_to_batch(cells[start:start + bs], max_objects=cfg.max_objects,
-                                       num_points=cfg.num_points, rng=None).to(self.device)
-                parts.append(self.coarse.encode_cells(batch))
-            index = _concat(parts)
-            finite = torch.ones(len(cells), dtype=torch.bool, device=self.device)
-            for f in dataclasses.fields(index):
-                t = getattr(index, f.name)
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape[:1] == (len(cells),):
-                    finite &= torch.isfinite(t.reshape(len(cells), -1)).all(dim=1)
-            if not bool(finite.all()):
-                bad = (~finite).nonzero().reshape(-1).tolist()
-                self.nonfinite["cell_embedding"] += len(bad)
-                _log.error("%d of %d cells have a non-finite embedding and are left out of the map (e.g. %s)",
-                           len(bad), len(cells), cells[bad[0]].id)
-                if len(bad) == len(cells):
-                    raise NonFiniteOutputError(
-                        f"no cell of the {len(cells)} has a finite embedding (cell data out of range, or a damaged model)")
-                keep = finite.nonzero().reshape(-1)
-                index = _take(index, keep)
-                cells = [cells[i] for i in keep.tolist()]
-                ids = [c.id for c in cells]
-        relations = None
-        if self.coarse is not None and self.relation_weight > 0:
-            from spatialoc_ros.models.geometry import cell_relations
+        with_relations = self.coarse is not None and self.relation_weight > 0
+        path = None
+        cached = None
+        if cache_dir and self.coarse is not None:
+            from spatialoc_ros.models import embedding_cache
 
-            relations = cell_relations(cells, max_objects=self.coarse_cfg.max_objects).to(self.device)
+            key = embedding_cache.cache_key(embedding_cache.model_digest(self.coarse, self.coarse_cfg),
+                                            embedding_cache.map_digest(cells), with_relations)
+            path = embedding_cache.cache_path(cache_dir, key)
+            cached = self._load_cached_map(path, cells, with_relations)
+        if cached is not None:
+            cells, index, relations = cached
+        else:
+            cells, index = self._embed_cells(cells, progress)
+            relations = None
+            if with_relations:
+                from spatialoc_ros.models.geometry import cell_relations
+
+                relations = cell_relations(cells, max_objects=self.coarse_cfg.max_objects).to(self.device)
+            if path is not None:
+                self._save_cached_map(path, cells, index, relations)
         self._relations = relations
         self._cells = cells
-        self._id_to_index = {cid: i for i, cid in enumerate(ids)}
+        self._id_to_index = {c.id: i for i, c in enumerate(cells)}
         self._bbox = np.stack([np.asarray(c.bbox_w, dtype=np.float64) for c in cells])
         self._size = np.array([float(c.cell_size) for c in cells])
         self._fine_cache = {}
         self._index = index
         return len(cells)
+
+    def _embed_cells(self, cells: list, progress: bool):
+        """(kept cells, CellEmbedding or None): the coarse model's embedding of ``cells``, cells
+        with a non-finite embedding left out (counted, logged)."""
+        from spatialoc_ros.models.cell_tensors import cells_to_batch
+
+        if self.coarse is None:
+            return cells, None
+        cfg = self.coarse_cfg
+        parts = []
+        bs = max(self.batch_size, 1)
+        for start in tqdm(range(0, len(cells), bs), desc="embedding map cells", disable=not progress,
+                          unit="batch", leave=False):
+            batch = cells_to_batch(cells[start:start + bs], max_objects=cfg.max_objects,
+                                   num_points=cfg.num_points, rng=None).to(self.device)
+            parts.append(self.coarse.encode_cells(batch))
+        index = _concat(parts)
+        finite = torch.ones(len(cells), dtype=torch.bool, device=self.device)
+        for f in dataclasses.fields(index):
+            t = getattr(index, f.name)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape[:1] == (len(cells),):
+                finite &= torch.isfinite(t.reshape(len(cells), -1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().reshape(-1).tolist()
+            self.nonfinite["cell_embedding"] += len(bad)
+            _log.error("%d of %d cells have a non-finite embedding and are left out of the map (e.g. %s)",
+                       len(bad), len(cells), cells[bad[0]].id)
+            if len(bad) == len(cells):
+                raise NonFiniteOutputError(
+                    f"no cell of the {len(cells)} has a finite embedding (cell data out of range, or a damaged model)")
+            keep = finite.nonzero().reshape(-1)
+            index = _take(index, keep)
+            cells = [cells[i] for i in keep.tolist()]
+        return cells, index
+
+    def _cache_fields(self, with_relations: bool) -> tuple[dict, Optional[dict]]:
+        cfg = self.coarse_cfg
+        D, O = self.coarse.embed_dim, cfg.max_objects
+        index = {"global_": ("f", (D,)), "objects": ("f", (O, D)), "mask": ("b", (O,))}
+        if getattr(self.coarse, "use_beose", False):
+            index["relations"] = ("f", (O, D))
+        relations = None
+        if with_relations:
+            relations = {"placed": ("i", None), "label": ("i", (O,)), "colour": ("i", (O,)), "mask": ("b", (O,))}
+        return index, relations
+
+    def _save_cached_map(self, path: str, cells: list, index, relations) -> None:
+        from spatialoc_ros.models import embedding_cache
+
+        try:
+            embedding_cache.save(path, [c.id for c in cells],
+                                 {f.name: getattr(index, f.name) for f in dataclasses.fields(index)},
+                                 None if relations is None else
+                                 {f.name: getattr(relations, f.name) for f in dataclasses.fields(relations)})
+            _log.info("map embedding of %d cells cached in %s", len(cells), path)
+        except OSError as e:  # a cache that cannot be written costs time, not correctness
+            _log.warning("could not write the embedding cache %s (%s); continuing without it", path, e)
+
+    def _load_cached_map(self, path: str, cells: list, with_relations: bool):
+        """(kept cells, CellEmbedding, CellRelations or None) from the cache, or None."""
+        from spatialoc_ros.models import embedding_cache
+        from spatialoc_ros.models.coarse import CellEmbedding
+        from spatialoc_ros.models.geometry import CellRelations
+
+        index_fields, relation_fields = self._cache_fields(with_relations)
+        got = embedding_cache.load(path, [c.id for c in cells], index_fields, relation_fields)
+        if got is None:
+            return None
+        ids, index, rel = got
+        by_id = {c.id: c for c in cells}
+        kept = [by_id[i] for i in ids]
+        if len(kept) < len(cells):
+            self.nonfinite["cell_embedding"] += len(cells) - len(kept)
+        emb = CellEmbedding(**{f.name: (index[f.name].to(self.device) if f.name in index else None)
+                               for f in dataclasses.fields(CellEmbedding)})
+        relations = None if rel is None else CellRelations(**{k: v.to(self.device) for k, v in rel.items()})
+        _log.info("map embedding of %d cells loaded from the cache %s", len(kept), path)
+        return kept, emb, relations
 
     def clear_map(self) -> None:
         """Forget the map and its embedding (a deactivated node holds none)."""

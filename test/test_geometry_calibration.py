@@ -295,3 +295,45 @@ def test_relations_match_the_rule_object_by_object(small_city):
             assert got.sum(dim=0).eq(1).all()  # one direction per position
             assert got.int().argmax(dim=0).tolist() == want
         assert int(rel.mask[n].sum()) == len(objs)
+
+
+def test_embedding_cache_round_trip_and_rebuild(calibrated, small_city, tmp_path, caplog):
+    import logging
+
+    from spatialoc_ros.data.loading import load_split, query_text
+    from spatialoc_ros.inference import Localizer
+    from spatialoc_ros.models import embedding_cache
+
+    coarse, fine, _ = calibrated
+    data = load_split(small_city, "test")
+    texts = [query_text(p) for p in data.poses[:6]]
+    cache = tmp_path / "cache"
+    first = Localizer.from_checkpoints(coarse, fine, device="cpu")
+    first.set_map(data.cells, progress=False, cache_dir=str(cache))
+    files = sorted(cache.glob("*.npz"))
+    assert len(files) == 1
+    want = first.localize_many(texts, top_k=3)
+    second = Localizer.from_checkpoints(coarse, fine, device="cpu")
+    with caplog.at_level(logging.INFO, logger="spatialoc_ros.inference"):
+        second.set_map(data.cells, progress=False, cache_dir=str(cache))
+    assert "loaded from the cache" in caplog.text
+    got = second.localize_many(texts, top_k=3)
+    for a, b in zip(want, got):
+        assert [h.cell_id for h in a] == [h.cell_id for h in b]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-6)
+        np.testing.assert_allclose(np.stack([h.mean_xy for h in a]), np.stack([h.mean_xy for h in b]))
+    # another map (one cell fewer) selects another file; the first is left alone
+    Localizer.from_checkpoints(coarse, fine, device="cpu").set_map(data.cells[1:], progress=False, cache_dir=str(cache))
+    assert len(list(cache.glob("*.npz"))) == 2
+    # a damaged file is reported and rebuilt, never half-used
+    files[0].write_bytes(b"not an npz")
+    caplog.clear()
+    third = Localizer.from_checkpoints(coarse, fine, device="cpu")
+    with caplog.at_level(logging.WARNING):
+        third.set_map(data.cells, progress=False, cache_dir=str(cache))
+    assert "unusable" in caplog.text and "rebuilding" in caplog.text
+    assert [h.cell_id for h in third.localize(texts[0], top_k=3)] == [h.cell_id for h in want[0]]
+    assert embedding_cache.load(str(files[0]), [c.id for c in data.cells], {"global_": ("f", None)}, None) is not None
+    # the cache file holds plain arrays only
+    with np.load(files[0], allow_pickle=False) as f:
+        assert "ids" in f.files and all(f[k].dtype != object for k in f.files)

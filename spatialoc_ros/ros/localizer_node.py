@@ -146,6 +146,10 @@ PARAMETERS: dict[str, ParamSpec] = {
         0.0, "Publish `pose` only when the confidence (calibrated probability that the top cell is right) "
              "is at least this, 0..1; hypotheses and the confidence are published with every answer.",
         0.0, 1.0, dynamic=True),
+    "embedding_cache_dir": ParamSpec(
+        "", "Folder of the on-disk map-embedding cache ('' = none): a restart on the same map and model "
+            "loads the embedding instead of recomputing it (keyed by their content; a stale or damaged "
+            "file is rebuilt, logged)."),
     "sentence_cache": ParamSpec(
         True, "Keep the language-model features of every distinct hint sentence (faster repeated hints; "
               "bounded LRU)."),
@@ -172,6 +176,7 @@ class LocalizerConfig:
     service_call_timeout_s: float
     covariance: str
     min_confidence: float
+    embedding_cache_dir: str
     sentence_cache: bool
     diagnostics_period_s: float
 
@@ -511,7 +516,7 @@ class LocalizerNode(SpatialocLifecycleNode):
             self.set_phase(self.phase, f"embedding {len(cells)} cells")
         t0 = time.perf_counter()
         try:
-            kept = self._localizer.set_map(cells, progress=False)
+            kept = self._localizer.set_map(cells, progress=False, cache_dir=self.cfg.embedding_cache_dir or None)
         except (ValueError, RuntimeError) as e:
             raise MapUnavailable(f"cannot embed the map: {type(e).__name__}: {e}") from e
         self._num_cells = kept
