@@ -315,16 +315,13 @@ class Localizer:
         self.fine_cfg = fine_cfg
         from spatialoc_ros.models.checkpoint import EXTRA_RANGES
 
-        lo, hi = EXTRA_RANGES["sigma_scale"][1:]
-        if not (math.isfinite(sigma_scale) and lo <= sigma_scale <= hi):
-            raise ValueError(f"sigma_scale must be a finite number in {lo:g}..{hi:g}, got {sigma_scale}")
-        self.sigma_scale = float(sigma_scale)
-        for name, value in (("relation_weight", relation_weight), ("temperature", temperature),
+        for name, value in (("sigma_scale", sigma_scale), ("relation_weight", relation_weight), ("temperature", temperature),
                             ("mixture_within_scale", mixture_within_scale),
                             ("mixture_spread_scale", mixture_spread_scale)):
             lo, hi = EXTRA_RANGES[name][1:]
             if not (math.isfinite(value) and lo <= value <= hi):
                 raise ValueError(f"{name} must be a finite number in {lo:g}..{hi:g}, got {value}")
+        self.sigma_scale = float(sigma_scale)
         #: Weight of the geometric hint-binding level added to the learned levels' combined score.
         self.relation_weight = float(relation_weight)
         #: Temperature turning combined scores into cell probabilities (softmax over the ranked cells).
@@ -744,6 +741,13 @@ class Localizer:
         return out
 
     # --- public API --------------------------------------------------------------------------------
+    def _read(self, queries: Sequence[Query]) -> tuple[list, list[list[str]]]:
+        """(hints of each query, their canonical sentences): the one reading every entry point uses."""
+        from spatialoc_ros.language import render_hints
+
+        parsed = [understand(q, self.min_hints).hints for q in queries]
+        return parsed, [render_hints(h) for h in parsed]
+
     def understand(self, query: Query) -> "ParsedInstruction":
         """What ``query`` says (hints, unread fragments), or InstructionRefused with the reason; the
         same reading :meth:`localize` uses. Pure and thread-safe (no model is run)."""
@@ -762,7 +766,7 @@ class Localizer:
     def estimate_many(self, queries: Sequence[Query], top_k: int = 5, covariance: str = "mixture",
                       progress: bool = False) -> list[Estimate]:
         """:meth:`estimate` for many queries, batched."""
-        if covariance not in COVARIANCE_MODES:
+        if covariance not in COVARIANCE_MODES:  # before any model runs
             raise ValueError(f"covariance must be one of {COVARIANCE_MODES}, got {covariance!r}")
         return [self.combine(h, covariance) for h in self.localize_many(queries, top_k, progress=progress)]
 
@@ -771,6 +775,8 @@ class Localizer:
         mixture's covariance is ``mixture_within_scale * within + mixture_spread_scale * spread``
         (:func:`mixture_moments`; the two factors fitted on val, see
         :mod:`spatialoc_ros.training.calibrate`)."""
+        if covariance not in COVARIANCE_MODES:
+            raise ValueError(f"covariance must be one of {COVARIANCE_MODES}, got {covariance!r}")
         if not hypotheses:
             raise ValueError("no hypothesis to combine")
         top = hypotheses[0]
@@ -802,10 +808,7 @@ class Localizer:
             raise ValueError("this Localizer has no coarse model: use predict_in_cells")
         if int(top_k) < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        from spatialoc_ros.language import render_hints
-
-        parsed = [understand(t, self.min_hints).hints for t in texts]
-        hints = [render_hints(p) for p in parsed]
+        parsed, hints = self._read(texts)
         timings = {"text_ms": 0.0, "retrieval_ms": 0.0, "fine_ms": 0.0}
         results: list[list[Hypothesis]] = []
         bs = max(self.batch_size, 1)
@@ -838,10 +841,7 @@ class Localizer:
         self._require_map()
         if self.coarse is None:
             raise ValueError("this Localizer has no coarse model")
-        from spatialoc_ros.language import render_hints
-
-        parsed = [understand(t, self.min_hints).hints for t in texts]
-        hints = [render_hints(p) for p in parsed]
+        parsed, hints = self._read(texts)
         out = []
         bs = max(self.batch_size, 1)
         for start in tqdm(range(0, len(hints), bs), desc="retrieving", disable=not progress, unit="batch"):
@@ -858,18 +858,17 @@ class Localizer:
         self._require_map()
         if self.coarse is None:
             raise ValueError("this Localizer has no coarse model")
-        from spatialoc_ros.language import render_hints
         from spatialoc_ros.models.geometry import binding_scores, cell_relations
 
         rel = self._relations
         if rel is None:
             rel = cell_relations(self._cells, max_objects=self.coarse_cfg.max_objects).to(self.device)
-        parsed = [understand(t, self.min_hints).hints for t in queries]
+        parsed, sentences = self._read(queries)
         learned, geo = [], []
         bs = max(self.batch_size, 1)
         for start in tqdm(range(0, len(parsed), bs), desc="scoring", disable=not progress, unit="batch"):
             chunk = parsed[start:start + bs]
-            text_emb = self.coarse.encode_text(self._hint_batch("coarse", [render_hints(h) for h in chunk]))
+            text_emb = self.coarse.encode_text(self._hint_batch("coarse", sentences[start:start + bs]))
             learned.append(self.coarse.combined_scores(self.coarse.similarity(text_emb, self._index)).double().cpu())
             geo.append(torch.stack([binding_scores(h, rel) for h in chunk]).double().cpu())
         return torch.cat(learned).numpy(), torch.cat(geo).numpy()
@@ -883,15 +882,13 @@ class Localizer:
         unknown = [c for c in cell_ids if c not in self._id_to_index]
         if unknown:
             raise ValueError(f"cell {unknown[0]!r} is not in the map")
-        from spatialoc_ros.language import render_hints
-
-        parsed = [understand(t, self.min_hints).hints for t in texts]
+        parsed, sentences = self._read(texts)
         out: list[Hypothesis] = []
         bs = max(self.batch_size, 1) * 4
         for start in tqdm(range(0, len(parsed), bs), desc="fine in given cells", disable=not progress, unit="batch"):
             chunk = parsed[start:start + bs]
             idx = np.array([[self._id_to_index[c]] for c in cell_ids[start:start + bs]])
-            hb = self._hint_batch("fine", [render_hints(h) for h in chunk]) if self.fine is not None else None
+            hb = self._hint_batch("fine", sentences[start:start + bs]) if self.fine is not None else None
             pred = self._refine(self._predict_fine(hb, idx), idx, chunk)
             for b in range(len(chunk)):
                 out.extend(self._hypotheses(idx[b], [float("nan")], pred.mean[b], pred.cov[b], retrieved=False,

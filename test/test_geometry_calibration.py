@@ -337,3 +337,15 @@ def test_embedding_cache_round_trip_and_rebuild(calibrated, small_city, tmp_path
     # the cache file holds plain arrays only
     with np.load(files[0], allow_pickle=False) as f:
         assert "ids" in f.files and all(f[k].dtype != object for k in f.files)
+
+
+def test_hint_transforms():
+    from spatialoc_ros.language.transforms import flipped, hint_subsets
+
+    hints = [Hint("north", "gray", "building"), Hint("east", None, "pole"), Hint("on-top", "gray", "road")]
+    assert [h.direction for h in flipped(hints)] == ["south", "west", "on-top"]
+    assert flipped(flipped(hints)) == hints
+    subs = hint_subsets([hints, hints[:2]], 2, seed=0)
+    assert len(subs[0]) == 2 and subs[1] == hints[:2]
+    assert all(h in hints for h in subs[0]) and subs[0] == sorted(subs[0], key=hints.index)  # order kept
+    assert hint_subsets([hints, hints[:2]], 2, seed=0) == subs  # seeded

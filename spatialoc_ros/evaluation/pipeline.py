@@ -36,6 +36,7 @@ from spatialoc_ros.evaluation.args import (
 )
 from spatialoc_ros.evaluation.coarse import resolve_data
 from spatialoc_ros.inference import Localizer, resolve_device, shipped_checkpoint
+from spatialoc_ros.language.transforms import flipped, hint_subsets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,29 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--map_scene", type=str, default=None,
                    help="scene drawn in the map figure (short name such as 0003; default: the split's first)")
     return parser
-
-
-_FLIP = {"north": "south", "south": "north", "east": "west", "west": "east"}
-
-
-def flipped(hints) -> list:
-    """The hints with every direction word swapped (north<->south, east<->west; on-top kept)."""
-    import dataclasses
-
-    return [dataclasses.replace(h, direction=_FLIP.get(h.direction, h.direction)) for h in hints]
-
-
-def hint_subsets(hint_lists, count: int, seed: int = 0) -> list:
-    """Each query's hints cut to ``count`` (a random subset in the original order; all when fewer)."""
-    rng = np.random.default_rng([seed, count])
-    out = []
-    for hints in hint_lists:
-        hints = list(hints)
-        if len(hints) > count:
-            keep = np.sort(rng.choice(len(hints), size=count, replace=False))
-            hints = [hints[i] for i in keep]
-        out.append(hints)
-    return out
 
 
 def estimate_summary(estimates, true_xy: np.ndarray, true_scenes, true_ids) -> dict:

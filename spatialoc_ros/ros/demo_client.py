@@ -181,7 +181,7 @@ def plot_demo(results: list[DemoResult], cells_by_scene: dict[str, list[Cell]], 
     for ax in list(axes[0][len(scenes):]) + list(axes[1][len(results):]):
         ax.axis("off")
     for ax, r, i in zip(axes[1], results, range(1, len(results) + 1)):
-        _zoom_panel(ax, r, i, cells_by_scene.get(str(r.pose.scene_name), []), LineCollection)
+        _zoom_panel(ax, r, i, cells_by_scene.get(str(r.pose.scene_name), []))
     for ax, scene in zip(axes[0], scenes):
         outlines, centres, colors = _cell_drawing(cells_by_scene.get(scene, []))
         if outlines:
@@ -235,10 +235,12 @@ def _cell_drawing(cells: list, window=None) -> tuple[list, list, list]:
 ZOOM_HALF_WIDTH_M = 30.0
 
 
-def _zoom_panel(ax, r: DemoResult, number: int, cells: list, LineCollection) -> None:
+def _zoom_panel(ax, r: DemoResult, number: int, cells: list) -> None:
     """About 60 m around the true position: cells and objects, the top-k hypotheses as dots whose
     size and opacity follow their probability, the published 2-sigma ellipse, the truth, the
     confidence."""
+    from matplotlib.collections import LineCollection
+
     t = np.asarray(r.pose.pose_w, dtype=np.float64)[0:2]
     lo, hi = t - ZOOM_HALF_WIDTH_M, t + ZOOM_HALF_WIDTH_M
     outlines, centres, colors = _cell_drawing(cells, (lo, hi))

@@ -161,7 +161,7 @@ def calibrate_localizer(localizer, data, progress: bool = True) -> dict:
       scalars are the values of the whole queries.
     """
     from spatialoc_ros.data.loading import query_text
-    from spatialoc_ros.evaluation.pipeline import hint_subsets
+    from spatialoc_ros.language.transforms import hint_subsets
     from spatialoc_ros.models.checkpoint import CALIBRATED_HINT_COUNTS
 
     localizer.set_map(data.cells, progress=progress)
@@ -181,7 +181,10 @@ def calibrate_localizer(localizer, data, progress: bool = True) -> dict:
                               "mixture_spread_scale_by_hints": []}
     for n in CALIBRATED_HINT_COUNTS:
         sub = hint_subsets(hint_lists, n)
-        lo, geo = localizer.score_levels(sub, progress=progress)
+        if all(len(h) <= n for h in hint_lists):  # the whole queries: already scored above
+            lo, geo = learned, geometric
+        else:
+            lo, geo = localizer.score_levels(sub, progress=progress)
         temperature = fit_temperature(lo + weight * geo, true)
         lists["temperature_by_hints"].append(temperature)
         if localizer.fine is None:
