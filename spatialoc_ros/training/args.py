@@ -14,6 +14,7 @@ import os
 
 from spatialoc_ros.cli import device_name, finite_float
 from spatialoc_ros.models.convert_pointnet import SEED_POINTNET_NAME, PointNetFileError, describe_pointnet_file
+from spatialoc_ros.training import distributed
 
 from spatialoc_ros.models.config import OBJECT_FEATURES as FEATURES  # noqa: E402  (one source)
 COLOUR_DROPOUT_DEFAULT = 0.3
@@ -109,7 +110,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_optim_args(parser: argparse.ArgumentParser, lr: float, epochs: int, batch_size: int) -> None:
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=batch_size, help="queries per batch")
+    g.add_argument("--batch_size", type=int, default=batch_size,
+                   help="queries per batch (under torchrun the global batch, split over the processes)")
     g.add_argument("--epochs", type=int, default=epochs, help="training epochs")
     g.add_argument("--learning_rate", type=finite_float, default=lr, help="Adam learning rate")
     g.add_argument("--weight_decay", type=finite_float, default=0.0, help="AdamW weight decay (0 = Adam)")
@@ -175,6 +177,16 @@ def check_common(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     check_number(parser, "--colour_dropout", args.colour_dropout, low=0, high=1)
     check_output_dir(parser, "--checkpoint_root/--folder_name", os.path.join(args.checkpoint_root, args.folder_name))
     args.use_features = list(dict.fromkeys(args.use_features))
+    distributed.check_args(args, parser, run_topology(parser))
+
+
+def run_topology(parser: argparse.ArgumentParser) -> distributed.Topology:
+    """This process's place in a torchrun run (a single process without torchrun); exits via
+    parser.error when torchrun's environment variables are incomplete."""
+    try:
+        return distributed.Topology.from_env()
+    except distributed.TopologyError as err:
+        parser.error(str(err))
 
 
 def resolve_pointnet(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

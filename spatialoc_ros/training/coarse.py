@@ -12,6 +12,7 @@ by recall@5), ``last.pth`` (with the optimiser state, for ``--resume``), ``metri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from typing import Optional, Sequence
@@ -26,7 +27,7 @@ from spatialoc_ros.evaluation.metrics import coarse_recall
 from spatialoc_ros.inference import Localizer
 from spatialoc_ros.models.config import RANKING_LOSSES, CoarseConfig
 from spatialoc_ros.training import args as targs
-from spatialoc_ros.training import engine
+from spatialoc_ros.training import distributed, engine
 from spatialoc_ros.training.datasets import CellCollator, QueryDataset, UniqueCellBatchSampler, worker_init
 
 
@@ -160,15 +161,38 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return 3
 
 
+def gather_embeddings(run: distributed.Distributed, text, cells):
+    """The global batch's text and cell embeddings (every process's rows in rank order, i.e. the
+    single-process batch) from this process's, autograd-aware: the in-batch ranking losses then
+    see every other cell of the global batch as a negative. Unchanged for a single process."""
+    def gather(emb):
+        return dataclasses.replace(emb, **{f.name: run.gather_rows(getattr(emb, f.name))
+                                           for f in dataclasses.fields(emb) if getattr(emb, f.name) is not None})
+
+    return gather(text), gather(cells)
+
+
 def train(args: argparse.Namespace) -> int:
+    """Train as one process, or as one of torchrun's processes (see training.distributed)."""
+    topology = distributed.Topology.from_env()
+    with distributed.quiet_unless_main(topology):
+        device = engine.setup_runtime(args, topology)
+        run = distributed.Distributed.start(topology, device)
+        try:
+            return _train(args, device, run)
+        finally:
+            run.shutdown()
+
+
+def _train(args: argparse.Namespace, device: torch.device, run: distributed.Distributed) -> int:
     from spatialoc_ros.models.builder import build_coarse_model
     from spatialoc_ros.models.text_encoder import FrozenTextEncoder, HintEncoder
 
-    device = engine.setup_runtime(args)
-    base_path = engine.resolve_base_path(args)
+    base_path = run.main_first(lambda: engine.resolve_base_path(args))
     folder = engine.run_folder(args)
-    engine.write_run_args(folder, args)
-    progress = not args.no_progress
+    if run.is_main:
+        engine.write_run_args(folder, args, run.world_size)
+    progress = not args.no_progress and run.is_main
 
     text_encoder = FrozenTextEncoder(args.text_model, device=str(device), max_tokens=args.max_tokens)
     hint_encoder = HintEncoder(text_encoder, cache=args.fixed_embedding)
@@ -179,74 +203,88 @@ def train(args: argparse.Namespace) -> int:
 
     model, cfg, optimizer, scheduler, start_epoch, best, history = engine.prepare_model(
         args, "coarse", text_encoder.dim, device, build_new, initial_best=[-1.0, -1.0])
+    forward = run.data_parallel(model)
+    run.reseed_process(args.seed)
 
     train_data = load_split(base_path, "train", with_direction=False)
     val_data = load_split(base_path, "val", with_direction=False)
-    dataset = QueryDataset(train_data, augment=not args.no_pc_augment, seed=args.seed,
+    dataset = QueryDataset(train_data, augment=not args.no_pc_augment, seed=run.rank_seed(args.seed),
                            hint_dropout_min=args.hint_dropout_min, colour_dropout=args.colour_dropout)
-    sampler = UniqueCellBatchSampler(dataset.cell_ids, args.batch_size, shuffle=args.shuffle, seed=args.seed)
+    sampler = run.shard_batches(
+        UniqueCellBatchSampler(dataset.cell_ids, args.batch_size, shuffle=args.shuffle, seed=args.seed))
     collate = CellCollator(args.max_objects if not args.resume else cfg.max_objects,
                            args.num_points if not args.resume else cfg.num_points,
                            random_points=not args.no_pc_augment,
-                           jitter=0.0 if args.no_pc_augment else args.jitter, seed=args.seed)
+                           jitter=0.0 if args.no_pc_augment else args.jitter, seed=run.rank_seed(args.seed))
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers,
                         worker_init_fn=worker_init if args.num_workers > 0 else None)
     print(f"[train] coarse: {len(dataset)} train queries ({len(train_data.cells)} cells), "
           f"{len(val_data.poses)} val queries ({len(val_data.cells)} cells); "
-          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters; run folder {folder}")
-    csv_log = engine.MetricsCSV(f"{folder}/{engine.METRICS_NAME}", resume=bool(args.resume))
+          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters; run folder {folder}"
+          f"{run.batch_note(args.batch_size)}")
+    csv_log = engine.MetricsCSV(f"{folder}/{engine.METRICS_NAME}", resume=bool(args.resume)) if run.is_main else None
 
     def step(batch):
         hints = hint_encoder.batch(batch.hints, device)
         cells = batch.cells.to(device)
-        terms = ranking_terms(model, model.encode_text(hints), model.encode_cells(cells), cfg, args.level_weights)
-        return terms, {}, {"samples": len(batch.hints)}
+
+        def loss(net):
+            text, cell_emb = net.encode_text(hints), net.encode_cells(cells)
+            if run.enabled:  # every process computes the ranking loss of the whole global batch
+                text, cell_emb = gather_embeddings(run, text, cell_emb)
+            return ranking_terms(net, text, cell_emb, cfg, args.level_weights)
+
+        return forward(loss), {}, {"samples": len(batch.hints)}
 
     for epoch in range(start_epoch, args.epochs + 1):
         sampler.set_epoch(epoch)
-        dataset.reseed(args.seed * 1000 + epoch)
-        collate.reseed(args.seed * 1000 + epoch + 500)
+        dataset.reseed(run.rank_seed(args.seed * 1000 + epoch))
+        collate.reseed(run.rank_seed(args.seed * 1000 + epoch + 500))
         lr = optimizer.param_groups[0]["lr"]
         total = len(sampler) if args.max_batches is None else min(len(sampler), args.max_batches)
         ep = engine.train_epoch(model, loader, step, optimizer, args, epoch, total,
-                                f"coarse epoch {epoch}/{args.epochs}", progress)
+                                f"coarse epoch {epoch}/{args.epochs}", progress, run)
         train_time, n_samples = ep.seconds, ep.samples
         scheduler.step()
-        t1 = time.perf_counter()
-        val = validate(model, cfg, hint_encoder, val_data, device, args.top_k, args.max_val_queries,
-                       progress, args.max_tokens)
-        val_time = time.perf_counter() - t1
-        row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in ep.means.items()}, **val,
-               "train_samples_per_s": n_samples / max(train_time, 1e-9), "train_time_s": train_time,
-               "val_time_s": val_time}
-        csv_log.write(row)
-        key = [val.get(f"val_recall@{args.top_k[0]}", 0.0), val.get(f"val_recall@{max(args.top_k)}", 0.0)]
-        improved = key > best
-        if improved:
-            best = key
-        history[str(epoch)] = {k: float(v) for k, v in row.items()}
-        common = {"max_tokens": args.max_tokens, "epoch": epoch, "val": {k: float(v) for k, v in val.items()},
-                  "selection": f"val recall@{args.top_k[0]} (ties: recall@{max(args.top_k)})"}
-        if improved:
-            engine.save_run_checkpoint(f"{folder}/{engine.BEST_NAME}", model, cfg, "coarse", common)
-        engine.save_last(f"{folder}/{engine.LAST_NAME}", model, cfg, "coarse",
-                         {**common, "best_metric": [float(b) for b in best], "history": history},
-                         optimizer, scheduler)
-        vals = " ".join(f"{k.replace('val_', '')} {v:.3f}" for k, v in val.items())
-        print(f"[train] epoch {epoch}: loss {row['train_loss']:.4f} | val {vals} | "
-              f"{train_time:.0f}+{val_time:.0f} s{' | best' if improved else ''}", flush=True)
-    if args.calibrate == "val":
-        from spatialoc_ros.models.checkpoint import load_checkpoint
-        from spatialoc_ros.training import calibrate
+        if run.is_main:  # validation, metrics and checkpoints; the other processes wait below
+            t1 = time.perf_counter()
+            val = validate(model, cfg, hint_encoder, val_data, device, args.top_k, args.max_val_queries,
+                           progress, args.max_tokens)
+            val_time = time.perf_counter() - t1
+            row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in ep.means.items()}, **val,
+                   "train_samples_per_s": n_samples / max(train_time, 1e-9), "train_time_s": train_time,
+                   "val_time_s": val_time}
+            csv_log.write(row)
+            key = [val.get(f"val_recall@{args.top_k[0]}", 0.0), val.get(f"val_recall@{max(args.top_k)}", 0.0)]
+            improved = key > best
+            if improved:
+                best = key
+            history[str(epoch)] = {k: float(v) for k, v in row.items()}
+            common = {"max_tokens": args.max_tokens, "epoch": epoch, "val": {k: float(v) for k, v in val.items()},
+                      "selection": f"val recall@{args.top_k[0]} (ties: recall@{max(args.top_k)})"}
+            if improved:
+                engine.save_run_checkpoint(f"{folder}/{engine.BEST_NAME}", model, cfg, "coarse", common)
+            engine.save_last(f"{folder}/{engine.LAST_NAME}", model, cfg, "coarse",
+                             {**common, "best_metric": [float(b) for b in best], "history": history},
+                             optimizer, scheduler)
+            vals = " ".join(f"{k.replace('val_', '')} {v:.3f}" for k, v in val.items())
+            print(f"[train] epoch {epoch}: loss {row['train_loss']:.4f} | val {vals} | "
+                  f"{train_time:.0f}+{val_time:.0f} s{' | best' if improved else ''}", flush=True)
+        run.barrier()
+    if run.is_main:
+        if args.calibrate == "val":
+            from spatialoc_ros.models.checkpoint import load_checkpoint
+            from spatialoc_ros.training import calibrate
 
-        best_path = f"{folder}/{engine.BEST_NAME}"
-        best_model, best_cfg, _ = load_checkpoint(best_path, "coarse", device)
-        loc = Localizer(best_model, best_cfg, device=device, max_tokens=args.max_tokens,
-                        text_encoders={"coarse": hint_encoder})
-        result = calibrate.calibrate_localizer(loc, val_data, progress=progress)
-        calibrate.store_calibration(best_path, result)
-        print(calibrate.format_result(result).replace("[calibrate]", "[train] calibration on"))
-    print(f"[train] done: best val recall@{args.top_k[0]} {best[0]:.3f}; checkpoints in {folder}")
+            best_path = f"{folder}/{engine.BEST_NAME}"
+            best_model, best_cfg, _ = load_checkpoint(best_path, "coarse", device)
+            loc = Localizer(best_model, best_cfg, device=device, max_tokens=args.max_tokens,
+                            text_encoders={"coarse": hint_encoder})
+            result = calibrate.calibrate_localizer(loc, val_data, progress=progress)
+            calibrate.store_calibration(best_path, result)
+            print(calibrate.format_result(result).replace("[calibrate]", "[train] calibration on"))
+        print(f"[train] done: best val recall@{args.top_k[0]} {best[0]:.3f}; checkpoints in {folder}")
+    run.barrier()
     return 0
 
 

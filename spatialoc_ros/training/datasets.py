@@ -344,6 +344,45 @@ class UniqueCellBatchSampler(Sampler):
         return len(self._batches())
 
 
+def rank_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of ``rank``'s contiguous share of ``n`` items split over ``world_size`` processes;
+    the first ``n % world_size`` ranks take one item more."""
+    base, extra = divmod(n, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + int(rank < extra)
+
+
+class RankSliceBatchSampler(Sampler):
+    """One process's slice of every global batch of a distributed run (torchrun).
+
+    Every process iterates the same global batches (``batches``, built with the same seed
+    everywhere) and keeps the contiguous slice :func:`rank_slice` gives it, so the processes
+    together see exactly the single-process batches, in the same order, and all run the same
+    number of steps (DistributedDataParallel hangs otherwise). Tail batches may split unevenly;
+    a global batch with fewer queries than processes (possible for world_size > 2 only, as
+    ``batches`` yields at least 2) is skipped by every process.
+    """
+
+    def __init__(self, batches: UniqueCellBatchSampler, rank: int, world_size: int):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
+        self.batches = batches
+        self.rank = rank
+        self.world_size = world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __iter__(self):
+        for batch in self.batches:
+            if len(batch) >= self.world_size:
+                lo, hi = rank_slice(len(batch), self.rank, self.world_size)
+                yield batch[lo:hi]
+
+    def __len__(self) -> int:
+        return sum(1 for batch in self.batches if len(batch) >= self.world_size)
+
+
 def worker_init(worker_id: int) -> None:
     """DataLoader worker init: give each worker's dataset and collator a generator of its own."""
     info = torch.utils.data.get_worker_info()

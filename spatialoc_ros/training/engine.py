@@ -11,12 +11,16 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
 
 from spatialoc_ros.inference import resolve_device
+from spatialoc_ros.training.distributed import Topology, process_device, process_note
+
+if TYPE_CHECKING:
+    from spatialoc_ros.training.distributed import Distributed
 
 BEST_NAME = "best.pth"
 LAST_NAME = "last.pth"
@@ -40,12 +44,18 @@ class EpochResult:
 
 
 def train_epoch(model: torch.nn.Module, loader, step: Callable, optimizer: torch.optim.Optimizer,
-                args: argparse.Namespace, epoch: int, total: int, desc: str, progress: bool) -> EpochResult:
+                args: argparse.Namespace, epoch: int, total: int, desc: str, progress: bool,
+                dist: Optional["Distributed"] = None) -> EpochResult:
     """One epoch of either trainer: for every batch, ``step(batch)`` returns (loss terms (tensors
     summed into the loss), logged extras (tensors / floats, not optimised), counters (ints:
     'samples' and any other)); the loss is checked for non-finite values, back-propagated, the
     gradient clipped (``args.grad_clip``) and checked, the optimiser stepped. Stops after
-    ``args.max_batches`` batches when set. Raises SystemExit when no batch ran."""
+    ``args.max_batches`` batches when set. Raises SystemExit when no batch ran.
+
+    In a distributed run (``dist``) each process's terms and extras are its share of the
+    global-batch value (the mean over the processes is the global value, which is what DDP's
+    gradient averaging optimises): they are averaged over the processes before the check and the
+    log, so every process stops on the same batch; the counters are summed at the end."""
     from tqdm.auto import tqdm
 
     model.train()
@@ -58,12 +68,15 @@ def train_epoch(model: torch.nn.Module, loader, step: Callable, optimizer: torch
     for i, batch in enumerate(bar, start=1):
         terms, extras, counts = step(batch)
         loss = sum(terms.values())
-        check_finite({**terms, "total": loss}, epoch, i, lr)
+        logged = {"loss": loss, **terms, **extras}
+        if dist is not None:
+            logged = dist.mean_over_ranks(logged)
+        check_finite({**{k: logged[k] for k in terms}, "total": logged["loss"]}, epoch, i, lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_and_check(model, args.grad_clip, epoch, i, lr)
         optimizer.step()
-        for k, v in {"loss": loss, **terms, **extras}.items():
+        for k, v in logged.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
         for k, v in counts.items():
             counters[k] = counters.get(k, 0) + int(v)
@@ -74,6 +87,8 @@ def train_epoch(model: torch.nn.Module, loader, step: Callable, optimizer: torch
     bar.close()
     if n_batches == 0:
         raise SystemExit("error: no training batch (too few train queries for --batch_size?)")
+    if dist is not None:
+        counters = dist.sum_over_ranks(counters)
     return EpochResult({k: v / n_batches for k, v in sums.items()}, n_batches, counters.get("samples", 0),
                        time.perf_counter() - t0, counters)
 
@@ -89,17 +104,19 @@ def check_finite(terms: dict[str, torch.Tensor], epoch: int, batch: int, lr: flo
             )
 
 
-def setup_runtime(args: argparse.Namespace) -> torch.device:
-    """Threads, seeds and device from the parsed flags; prints a note when the device changed."""
+def setup_runtime(args: argparse.Namespace, topology: Topology = Topology()) -> torch.device:
+    """Threads, seeds and device from the parsed flags (in a distributed run on CUDA, this
+    process's cuda:LOCAL_RANK); prints a note when the device changed."""
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device, note = resolve_device(args.device)
+    device = process_device(device, topology)
     if note:
         print(f"[device] {note}", file=sys.stderr)
-    print(f"[device] training on {device}")
+    print(f"[device] training on {device}{process_note(topology, device)}")
     return device
 
 
@@ -120,14 +137,18 @@ def run_folder(args: argparse.Namespace) -> str:
     return path
 
 
-def write_run_args(folder: str, args: argparse.Namespace) -> None:
-    """args.json: the flags of the run (appended per start, so resumed runs keep their history)."""
+def write_run_args(folder: str, args: argparse.Namespace, world_size: int = 1) -> None:
+    """args.json: the flags of the run (appended per start, so resumed runs keep their history);
+    a distributed start also records its number of processes."""
     path = os.path.join(folder, "args.json")
     history = []
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             history = json.load(f)
-    history.append({"argv": sys.argv[1:], "args": vars(args)})
+    entry = {"argv": sys.argv[1:], "args": vars(args)}
+    if world_size > 1:
+        entry["world_size"] = world_size
+    history.append(entry)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(history, f, indent=2, default=str)
 

@@ -32,7 +32,7 @@ from spatialoc_ros.data.loading import load_split, query_text
 from spatialoc_ros.evaluation.metrics import calibration_summary, mahalanobis_sq
 from spatialoc_ros.inference import Localizer
 from spatialoc_ros.training import args as targs
-from spatialoc_ros.training import engine
+from spatialoc_ros.training import distributed, engine
 from spatialoc_ros.training.datasets import CellCollator, QueryDataset, UniqueCellBatchSampler, worker_init
 
 
@@ -111,6 +111,18 @@ def config_from_args(args: argparse.Namespace, text_dim: int):
     )
 
 
+#: Why the anchor head's matching loss is refused under torchrun (see :func:`uses_matching_loss`).
+MATCHING_NOT_DISTRIBUTED = (
+    "the hint-object matching loss takes the other cells of the batch as negatives inside the model, "
+    "which sees one process's slice only under torchrun; train it as one process, or pass "
+    "--matching_weight 0 (the default)")
+
+
+def uses_matching_loss(cfg) -> bool:
+    """Whether ``cfg`` (a FineConfig or the parsed flags) trains the anchor head's matching loss."""
+    return cfg.mean_head == "anchor" and cfg.matching_weight > 0
+
+
 def loss_terms(gaussian, matching: Optional[torch.Tensor], target: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
     """The training loss as named terms: the position term of ``cfg.fine_loss`` (cell units) plus,
     for the anchor head, ``cfg.matching_weight`` x the hint->object matching ranking loss."""
@@ -162,6 +174,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         parser.error("--pmc_prob must be in [0, 1]")
     if not 0.0 <= args.beta <= 1.0:
         parser.error("--beta must be in [0, 1]")
+    if targs.run_topology(parser).distributed and args.resume is None and uses_matching_loss(args):
+        parser.error(f"--matching_weight {args.matching_weight:g}: {MATCHING_NOT_DISTRIBUTED}")
     try:
         return train(args)
     except engine.NonFiniteLossError as err:
@@ -170,15 +184,28 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    """Train as one process, or as one of torchrun's processes (see training.distributed)."""
+    topology = distributed.Topology.from_env()
+    with distributed.quiet_unless_main(topology):
+        device = engine.setup_runtime(args, topology)
+        run = distributed.Distributed.start(topology, device)
+        try:
+            return _train(args, device, run)
+        finally:
+            run.shutdown()
+
+
+def _train(args: argparse.Namespace, device: torch.device, run: distributed.Distributed) -> int:
+    from spatialoc_ros.cli import UserError
     from spatialoc_ros.models.builder import build_fine_model
     from spatialoc_ros.models.checkpoint import load_checkpoint
     from spatialoc_ros.models.text_encoder import FrozenTextEncoder, HintEncoder
 
-    device = engine.setup_runtime(args)
-    base_path = engine.resolve_base_path(args)
+    base_path = run.main_first(lambda: engine.resolve_base_path(args))
     folder = engine.run_folder(args)
-    engine.write_run_args(folder, args)
-    progress = not args.no_progress
+    if run.is_main:
+        engine.write_run_args(folder, args, run.world_size)
+    progress = not args.no_progress and run.is_main
 
     text_encoder = FrozenTextEncoder(args.text_model, device=str(device), max_tokens=args.max_tokens)
     hint_encoder = HintEncoder(text_encoder, cache=args.fixed_embedding)
@@ -189,81 +216,104 @@ def train(args: argparse.Namespace) -> int:
 
     model, cfg, optimizer, scheduler, start_epoch, best, history = engine.prepare_model(
         args, "fine", text_encoder.dim, device, build_new, initial_best=[-math.inf])
+    if run.enabled and uses_matching_loss(cfg):
+        raise UserError(f"matching_weight {cfg.matching_weight:g} (from {args.resume or 'the flags'}): "
+                        f"{MATCHING_NOT_DISTRIBUTED}")
+    forward = run.data_parallel(model)
+    run.reseed_process(args.seed)
     select_by = args.select_by if args.select_by != "auto" else ("nll" if cfg.fine_loss == "nll" else "error")
     select_key = "val_nll_m" if select_by == "nll" else "val_mean_error_m"
 
     train_data = load_split(base_path, "train", with_direction=args.pmc_prob > 0)
     val_data = load_split(base_path, "val", with_direction=False)
     dataset = QueryDataset(train_data, augment=not args.no_pc_augment, pmc_prob=args.pmc_prob,
-                           max_missing=args.pmc_max_missing, seed=args.seed,
+                           max_missing=args.pmc_max_missing, seed=run.rank_seed(args.seed),
                            hint_dropout_min=args.hint_dropout_min, colour_dropout=args.colour_dropout)
     collate = CellCollator(cfg.max_objects, cfg.num_points, random_points=not args.no_pc_augment,
-                           jitter=0.0 if args.no_pc_augment else args.jitter, seed=args.seed)
+                           jitter=0.0 if args.no_pc_augment else args.jitter, seed=run.rank_seed(args.seed))
     # Distinct cells per batch: the matching loss takes the other cells of a batch as negatives.
-    sampler = UniqueCellBatchSampler(dataset.cell_ids, args.batch_size, shuffle=args.shuffle, seed=args.seed)
+    sampler = run.shard_batches(
+        UniqueCellBatchSampler(dataset.cell_ids, args.batch_size, shuffle=args.shuffle, seed=args.seed))
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers,
                         worker_init_fn=worker_init if args.num_workers > 0 else None)
     print(f"[train] fine: {len(dataset)} train queries, {len(val_data.poses)} val queries; map cloning "
           f"p={dataset.pmc_prob:g}; {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
-          f"parameters; best by {select_key}; run folder {folder}")
-    csv_log = engine.MetricsCSV(f"{folder}/{engine.METRICS_NAME}", resume=bool(args.resume))
+          f"parameters; best by {select_key}; run folder {folder}{run.batch_note(args.batch_size)}")
+    csv_log = engine.MetricsCSV(f"{folder}/{engine.METRICS_NAME}", resume=bool(args.resume)) if run.is_main else None
 
     def step(batch):
         hints = hint_encoder.batch(batch.hints, device)
         target = batch.targets.to(device)
-        gaussian, matching = model.forward_with_matching(hints, batch.cells.to(device))
-        terms = loss_terms(gaussian, matching, target, cfg)
-        err = torch.linalg.vector_norm(gaussian.mean.detach() - target, dim=-1).mean()
+        cells = batch.cells.to(device)
+
+        def loss(net):
+            gaussian, matching = net.forward_with_matching(hints, cells)
+            terms = loss_terms(gaussian, matching, target, cfg)
+            err = torch.linalg.vector_norm(gaussian.mean.detach() - target, dim=-1).mean()
+            return terms, err
+
+        terms, err = forward(loss)
+        # The loss terms are means over this process's samples; scaled by its share of the global
+        # batch, their average over the processes (what DDP's gradient averaging optimises) is
+        # the single-process mean, also when tail slices differ in size.
+        share = run.sample_share(len(batch.hints))
+        if share is not None:
+            terms, err = {k: v * share for k, v in terms.items()}, err * share
         return terms, {"error_cells": err}, {"samples": len(batch.hints), "cloned": int(batch.cloned)}
 
     for epoch in range(start_epoch, args.epochs + 1):
         sampler.set_epoch(epoch)
-        dataset.reseed(args.seed * 1000 + epoch)
-        collate.reseed(args.seed * 1000 + epoch + 500)
+        dataset.reseed(run.rank_seed(args.seed * 1000 + epoch))
+        collate.reseed(run.rank_seed(args.seed * 1000 + epoch + 500))
         lr = optimizer.param_groups[0]["lr"]
         total = len(sampler) if args.max_batches is None else min(len(sampler), args.max_batches)
         ep = engine.train_epoch(model, loader, step, optimizer, args, epoch, total,
-                                f"fine epoch {epoch}/{args.epochs}", progress)
+                                f"fine epoch {epoch}/{args.epochs}", progress, run)
         train_time, n_samples, n_cloned = ep.seconds, ep.samples, ep.counters.get("cloned", 0)
         scheduler.step()
-        t1 = time.perf_counter()
-        val = val_metrics(*predict_val(model, cfg, hint_encoder, val_data, device, args.max_val_queries,
-                                       args.max_tokens))
-        val_time = time.perf_counter() - t1
-        row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in ep.means.items()},
-               "train_cloned_share": n_cloned / max(n_samples, 1), **val,
-               "train_samples_per_s": n_samples / max(train_time, 1e-9), "train_time_s": train_time,
-               "val_time_s": val_time}
-        csv_log.write(row)
-        score = -val[select_key] if np.isfinite(val[select_key]) else -math.inf
-        improved = [score] > best
-        if improved:
-            best = [score]
-        history[str(epoch)] = {k: float(v) for k, v in row.items()}
-        common = {"max_tokens": args.max_tokens, "epoch": epoch, "sigma_scale": 1.0,
-                  "val": {k: float(v) for k, v in val.items()}, "selection": select_key}
-        if improved:
-            engine.save_run_checkpoint(f"{folder}/{engine.BEST_NAME}", model, cfg, "fine", common)
-        engine.save_last(f"{folder}/{engine.LAST_NAME}", model, cfg, "fine",
-                         {**common, "best_metric": [float(b) for b in best], "history": history},
-                         optimizer, scheduler)
-        print(f"[train] epoch {epoch}: loss {row['train_loss']:.4f} | val error {val['val_mean_error_m']:.2f} m, "
-              f"NLL {val['val_nll_m']:.3f}, 1/2-sigma {100 * val['val_cover1']:.0f}/{100 * val['val_cover2']:.0f}% | "
-              f"{train_time:.0f}+{val_time:.0f} s{' | best' if improved else ''}", flush=True)
+        if run.is_main:  # validation, metrics and checkpoints; the other processes wait below
+            t1 = time.perf_counter()
+            val = val_metrics(*predict_val(model, cfg, hint_encoder, val_data, device, args.max_val_queries,
+                                           args.max_tokens))
+            val_time = time.perf_counter() - t1
+            row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in ep.means.items()},
+                   "train_cloned_share": n_cloned / max(n_samples, 1), **val,
+                   "train_samples_per_s": n_samples / max(train_time, 1e-9), "train_time_s": train_time,
+                   "val_time_s": val_time}
+            csv_log.write(row)
+            score = -val[select_key] if np.isfinite(val[select_key]) else -math.inf
+            improved = [score] > best
+            if improved:
+                best = [score]
+            history[str(epoch)] = {k: float(v) for k, v in row.items()}
+            common = {"max_tokens": args.max_tokens, "epoch": epoch, "sigma_scale": 1.0,
+                      "val": {k: float(v) for k, v in val.items()}, "selection": select_key}
+            if improved:
+                engine.save_run_checkpoint(f"{folder}/{engine.BEST_NAME}", model, cfg, "fine", common)
+            engine.save_last(f"{folder}/{engine.LAST_NAME}", model, cfg, "fine",
+                             {**common, "best_metric": [float(b) for b in best], "history": history},
+                             optimizer, scheduler)
+            print(f"[train] epoch {epoch}: loss {row['train_loss']:.4f} | val error {val['val_mean_error_m']:.2f} m, "
+                  f"NLL {val['val_nll_m']:.3f}, 1/2-sigma {100 * val['val_cover1']:.0f}/{100 * val['val_cover2']:.0f}% | "
+                  f"{train_time:.0f}+{val_time:.0f} s{' | best' if improved else ''}", flush=True)
+        run.barrier()
 
-    if args.calibrate_sigma == "val":
-        best_path = f"{folder}/{engine.BEST_NAME}"
-        best_model, best_cfg, best_extra = load_checkpoint(best_path, "fine", device)
-        mean, cov, true = predict_val(best_model, best_cfg, hint_encoder, val_data, device, None, args.max_tokens)
-        scale = math.sqrt(float(np.mean(mahalanobis_sq(mean, cov, true))) / 2.0)
-        after = val_metrics(mean, cov * scale**2, true)
-        engine.save_run_checkpoint(best_path, best_model, best_cfg, "fine",
-                                   {**best_extra, "sigma_scale": scale,
-                                    "val_calibrated": {k: float(v) for k, v in after.items()}})
-        print(f"[train] sigma calibration on val: scale {scale:.3f}; 1/2/3-sigma coverage "
-              f"{100 * after['val_cover1']:.1f}/{100 * after['val_cover2']:.1f}/{100 * after['val_cover3']:.1f}%, "
-              f"NLL {after['val_nll_m']:.3f}")
-    print(f"[train] done: best {select_key} {-best[0]:.3f}; checkpoints in {folder}")
+    if run.is_main:
+        if args.calibrate_sigma == "val":
+            best_path = f"{folder}/{engine.BEST_NAME}"
+            best_model, best_cfg, best_extra = load_checkpoint(best_path, "fine", device)
+            mean, cov, true = predict_val(best_model, best_cfg, hint_encoder, val_data, device, None,
+                                          args.max_tokens)
+            scale = math.sqrt(float(np.mean(mahalanobis_sq(mean, cov, true))) / 2.0)
+            after = val_metrics(mean, cov * scale**2, true)
+            engine.save_run_checkpoint(best_path, best_model, best_cfg, "fine",
+                                       {**best_extra, "sigma_scale": scale,
+                                        "val_calibrated": {k: float(v) for k, v in after.items()}})
+            print(f"[train] sigma calibration on val: scale {scale:.3f}; 1/2/3-sigma coverage "
+                  f"{100 * after['val_cover1']:.1f}/{100 * after['val_cover2']:.1f}/{100 * after['val_cover3']:.1f}%, "
+                  f"NLL {after['val_nll_m']:.3f}")
+        print(f"[train] done: best {select_key} {-best[0]:.3f}; checkpoints in {folder}")
+    run.barrier()
     return 0
 
 
