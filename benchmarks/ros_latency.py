@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--top_k", type=int, default=5)
     d = p.add_argument_group("data")
     d.add_argument("--base_path", default="", help="KITTI360Pose folder; '' = the embedded synthetic city")
+    d.add_argument("--scenes", nargs="*", default=[],
+                   help="scenes the map server serves (default: the test split); e.g. the test scenes plus "
+                        "0000 0002 0004 0006 give a 2,127-cell map of the default city")
     d.add_argument("--queries", type=int, default=100, help="timed instructions (one at a time)")
     d.add_argument("--warmup", type=int, default=3, help="untimed instructions first")
     d.add_argument("--seed", type=int, default=0)
@@ -180,7 +183,10 @@ def main(argv=None) -> int:
                   "queue_size": args.queue_size, "coarse_checkpoint": args.coarse_checkpoint,
                   "fine_checkpoint": args.fine_checkpoint}
     procs = {}
-    for name, params, yaml_file in (("map_server", {"base_path": os.path.abspath(base)}, "map_server.yaml"),
+    map_params = {"base_path": os.path.abspath(base)}
+    if args.scenes:
+        map_params["scenes"] = "[" + ", ".join(f"'{name}'" for name in args.scenes) + "]"
+    for name, params, yaml_file in (("map_server", map_params, "map_server.yaml"),
                                     ("localizer", loc_params, "localizer.yaml")):
         cmd = [str(demo.executable(name)), "--ros-args", "-r", f"__ns:={NAMESPACE}",
                "--params-file", str(config / yaml_file)]
@@ -213,6 +219,7 @@ def main(argv=None) -> int:
                                          text_model=args.text_model or None, device=args.device)
         loc.set_map(cells, progress=False)
         result["device"] = str(loc.device)
+        result["map_cells"] = len(cells)
         for t in texts[: args.warmup]:
             probe.ask(t)
             loc.localize(t, top_k=args.top_k)

@@ -14,7 +14,9 @@ Pipeline of :meth:`Localizer.localize`:
    geometric hint-binding level (:mod:`spatialoc_ros.models.geometry`); ``softmax(score / T)`` over
    the ranked cells, T calibrated per hint count, gives each cell's probability. Maps larger than ``preselect_above`` cells
    first keep the ``preselect_top`` cells by the global descriptor alone and re-rank only those with
-   all levels (the z-scores are then taken over the pre-selected cells).
+   all levels (the z-scores are then taken over the pre-selected cells). The short list comes from
+   a vector index (``index``: 'exact' torch top-k, or 'faiss', an inverted-file FAISS index; 'auto'
+   = FAISS above ``preselect_above`` cells when installed; :mod:`spatialoc_ros.models.vector_index`).
 3. **Fine.** UGFL runs on the query and each of the top-k cells in one batch and gives a 2-D
    Gaussian in cell units; with the map's geometry kept, each Gaussian is then updated by where the
    hints hold on the cell's candidate grid (:func:`spatialoc_ros.models.geometry.refine_in_cell`). World mean = ``bbox_w[0:2] + mu * cell_size``; world covariance =
@@ -48,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from spatialoc_ros.data.kitti360pose import Cell
+from spatialoc_ros.models.vector_index import PRESELECT_ABOVE
 
 if TYPE_CHECKING:
     from spatialoc_ros.language import Hint, ParsedInstruction
@@ -65,9 +68,9 @@ MAX_HINTS = 12
 MIN_HINTS = 2
 #: Floor on the eigenvalues of a published covariance (m^2).
 MIN_VARIANCE_M2 = 1e-4
-#: Default size of the global-descriptor pre-selection, and the map size from which it is used.
+#: Default size of the global-descriptor pre-selection (the map size from which it is used,
+#: PRESELECT_ABOVE, lives with the index back-ends).
 PRESELECT_TOP = 200
-PRESELECT_ABOVE = 20000
 #: Folder of the shipped checkpoints (coarse.pth, fine.pth), found relative to this module.
 CHECKPOINT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "checkpoints")
 
@@ -302,6 +305,8 @@ class Localizer:
         mixture_within_scale_by_hints: Optional[Sequence[float]] = None,
         mixture_spread_scale_by_hints: Optional[Sequence[float]] = None,
         refine_sharpness: Optional[float] = None,
+        index: str = "auto",
+        index_nprobe: Optional[int] = None,
     ) -> None:
         if coarse_model is None and fine_model is None:
             raise ValueError("a Localizer needs a coarse model, a fine model or both")
@@ -358,12 +363,22 @@ class Localizer:
         self.min_hints = int(min_hints)
         self.preselect_top = int(preselect_top)
         self.preselect_above = int(preselect_above)
+        from spatialoc_ros.models.vector_index import check_kind
+
+        #: Back-end of the short list ('auto' | 'exact' | 'faiss', see models/vector_index.py) and
+        #: the FAISS lists scanned per query (None: the module's rule).
+        self.index_kind = check_kind(index)
+        if index_nprobe is not None and int(index_nprobe) < 1:
+            raise ValueError(f"index_nprobe must be >= 1, got {index_nprobe}")
+        self.index_nprobe = None if index_nprobe is None else int(index_nprobe)
+        self._vector_index = None  # ExactIndex | FaissIndex over the map's global descriptors
         self.max_tokens = int(max_tokens)
         self._hint_encoders = self._build_hint_encoders(text_model, fixed_embedding, text_encoders)
         self.timings: dict[str, float] = {"text_ms": 0.0, "retrieval_ms": 0.0, "fine_ms": 0.0}
         self._cells: Optional[list[Cell]] = None
         self._index = None  # CellEmbedding of all cells (coarse model), on self.device
         self._fine_cache: dict[int, object] = {}
+        self.map_timings: dict[str, float] = {}
 
     # --- construction ----------------------------------------------------------------------------
     @classmethod
@@ -463,6 +478,7 @@ class Localizer:
             if not (float(c.cell_size) > 0 and np.all(np.isfinite(np.asarray(c.bbox_w, dtype=np.float64)))):
                 raise ValueError(f"cell {c.id} has an invalid cell_size or bbox_w")
         with_relations = self.coarse is not None and self.relation_weight > 0
+        t_start = time.perf_counter()
         path = None
         cached = None
         if cache_dir and self.coarse is not None:
@@ -472,18 +488,34 @@ class Localizer:
                                             embedding_cache.map_digest(cells), with_relations)
             path = embedding_cache.cache_path(cache_dir, key)
             cached = self._load_cached_map(path, cells, with_relations)
+        timings = {"digest_s": time.perf_counter() - t_start, "embed_s": 0.0, "geometry_s": 0.0,
+                   "cache_s": 0.0, "index_s": 0.0}
         if cached is not None:
             cells, index, relations = cached
+            timings["cache_s"] = time.perf_counter() - t_start - timings["digest_s"]
         else:
+            t0 = time.perf_counter()
             cells, index = self._embed_cells(cells, progress)
+            timings["embed_s"] = time.perf_counter() - t0
             relations = None
             if with_relations:
                 from spatialoc_ros.models.geometry import cell_relations
 
-                relations = cell_relations(cells, max_objects=self.coarse_cfg.max_objects).to(self.device)
+                t0 = time.perf_counter()
+                relations = cell_relations(cells, max_objects=self.coarse_cfg.max_objects, progress=progress).to(self.device)
+                timings["geometry_s"] = time.perf_counter() - t0
             if path is not None:
+                t0 = time.perf_counter()
                 self._save_cached_map(path, cells, index, relations)
+                timings["cache_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        vector_index = None if index is None else self._build_vector_index(index.global_, path)
+        timings["index_s"] = time.perf_counter() - t0
+        #: Where the last set_map spent its time (seconds): the map digest (cache key), embedding,
+        #: geometry, cache read or write, index build; 'cached' says whether the cache was used.
+        self.map_timings = {**timings, "cached": cached is not None}
         self._relations = relations
+        self._vector_index = vector_index
         self._cells = cells
         self._id_to_index = {c.id: i for i, c in enumerate(cells)}
         self._bbox = np.stack([np.asarray(c.bbox_w, dtype=np.float64) for c in cells])
@@ -494,7 +526,11 @@ class Localizer:
 
     def _embed_cells(self, cells: list, progress: bool):
         """(kept cells, CellEmbedding or None): the coarse model's embedding of ``cells``, cells
-        with a non-finite embedding left out (counted, logged)."""
+        with a non-finite embedding left out (counted, logged).
+
+        Cells are batched in order of their object count, so that a batch's object slots are
+        mostly real ones (the model skips the padded slots past a batch's largest cell); the
+        embedding is put back in map order."""
         from spatialoc_ros.models.cell_tensors import cells_to_batch
 
         if self.coarse is None:
@@ -502,12 +538,15 @@ class Localizer:
         cfg = self.coarse_cfg
         parts = []
         bs = max(self.batch_size, 1)
+        order = np.argsort([len(c.objects) for c in cells], kind="stable")
         for start in tqdm(range(0, len(cells), bs), desc="embedding map cells", disable=not progress,
                           unit="batch", leave=False):
-            batch = cells_to_batch(cells[start:start + bs], max_objects=cfg.max_objects,
-                                   num_points=cfg.num_points, rng=None).to(self.device)
+            chunk = [cells[i] for i in order[start:start + bs]]
+            batch = cells_to_batch(chunk, max_objects=cfg.max_objects, num_points=cfg.num_points,
+                                   rng=None).to(self.device)
             parts.append(self.coarse.encode_cells(batch))
-        index = _concat(parts)
+        inverse = torch.from_numpy(np.argsort(order, kind="stable")).to(self.device)
+        index = _take(_concat(parts), inverse)
         finite = torch.ones(len(cells), dtype=torch.bool, device=self.device)
         for f in dataclasses.fields(index):
             t = getattr(index, f.name)
@@ -525,6 +564,46 @@ class Localizer:
             index = _take(index, keep)
             cells = [cells[i] for i in keep.tolist()]
         return cells, index
+
+    def _build_vector_index(self, descriptors: torch.Tensor, cache_path: Optional[str]):
+        """The short-list index over the map's global descriptors; a FAISS index reuses (or writes)
+        its trained centroids next to the map cache when there is one."""
+        from spatialoc_ros.models import embedding_cache
+        from spatialoc_ros.models.vector_index import build_index, num_lists, resolve_kind
+
+        if resolve_kind(self.index_kind, len(descriptors), self.preselect_above) == "exact":
+            return build_index("exact", descriptors, self.preselect_above)
+        side = None if cache_path is None else embedding_cache.centroids_path(cache_path, num_lists(len(descriptors)))
+        centroids = None if side is None else embedding_cache.load_centroids(
+            side, num_lists(len(descriptors)), descriptors.shape[1])
+        t0 = time.perf_counter()
+        built = build_index("faiss", descriptors, self.preselect_above, nprobe=self.index_nprobe, centroids=centroids)
+        _log.info("FAISS index of %d cells (%d lists, %d scanned per query) built in %.1f s%s", len(descriptors),
+                  built.nlist, built.nprobe, time.perf_counter() - t0, " from cached centroids" if centroids is not None else "")
+        if side is not None and centroids is None:
+            try:
+                embedding_cache.save_centroids(side, built.centroids)
+            except OSError as e:
+                _log.warning("could not write the index cache %s (%s); continuing without it", side, e)
+        return built
+
+    def use_index(self, kind: str, nprobe: Optional[int] = None) -> str:
+        """Rebuild the short-list index of the current map with another back-end ('auto' | 'exact'
+        | 'faiss') and FAISS ``nprobe``; returns the back-end in use."""
+        from spatialoc_ros.models.vector_index import check_kind
+
+        self._require_map()
+        kind = check_kind(kind)
+        if nprobe is not None and int(nprobe) < 1:
+            raise ValueError(f"index_nprobe must be >= 1, got {nprobe}")
+        self.index_kind, self.index_nprobe = kind, None if nprobe is None else int(nprobe)
+        self._vector_index = self._build_vector_index(self._index.global_, None)
+        return self._vector_index.kind
+
+    @property
+    def index_in_use(self) -> Optional[str]:
+        """'exact' or 'faiss': the short-list back-end of the current map (None without a map)."""
+        return None if self._vector_index is None else self._vector_index.kind
 
     def _cache_fields(self, with_relations: bool) -> tuple[dict, Optional[dict]]:
         cfg = self.coarse_cfg
@@ -575,6 +654,7 @@ class Localizer:
         self._cells = None
         self._index = None
         self._relations = None
+        self._vector_index = None
         self._fine_cache = {}
 
     # --- text ----------------------------------------------------------------------------------
@@ -620,7 +700,8 @@ class Localizer:
         (B, k) each; ``hints``: the B queries' hints (for the geometric level)."""
         n = self.num_cells
         k = min(top_k, n)
-        if n > self.preselect_above and self.preselect_top < n:
+        shortlist = self._vector_index.kind == "faiss" or n > self.preselect_above
+        if shortlist and self.preselect_top < n:
             return self._retrieve_preselect(text_emb, k, hints)
         sims = self.coarse.similarity(text_emb, self._index)  # {level: (B, N)}
         scores = self._rankable(self._with_relations(self.coarse.combined_scores(sims), hints))  # (B, N)
@@ -638,8 +719,7 @@ class Localizer:
         return scores
 
     def _retrieve_preselect(self, text_emb, k: int, hints: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        glob = text_emb.global_ @ self._index.global_.T  # (B, N)
-        cand = torch.topk(glob, max(self.preselect_top, k), dim=1).indices  # (B, M)
+        _, cand = self._vector_index.search(text_emb.global_, max(self.preselect_top, k))  # (B, M)
         idx_out, val_out, prob_out = [], [], []
         for b in range(cand.shape[0]):
             sub = _take(self._index, cand[b])

@@ -349,3 +349,23 @@ def test_hint_transforms():
     assert len(subs[0]) == 2 and subs[1] == hints[:2]
     assert all(h in hints for h in subs[0]) and subs[0] == sorted(subs[0], key=hints.index)  # order kept
     assert hint_subsets([hints, hints[:2]], 2, seed=0) == subs  # seeded
+
+
+def test_relations_blocks_and_point_subsets(monkeypatch):
+    """The block-wise vectorised relations do not depend on the block size, and an object with
+    more than max_points points uses the evenly spaced subset of :func:`geometry._object_points`."""
+    rng = np.random.default_rng(0)
+    objects = [_obj(i, "pole", tuple(rng.uniform(0.2, 0.8, 2)), n=int(n), half=0.08)
+               for i, n in enumerate((1, 3, 40, 257, 600))]
+    cells = [_cell("0003_00001", objects), _cell("0003_00002", objects[::-1])]
+    base = geometry.cell_relations(cells, max_points=16)
+    monkeypatch.setattr(geometry, "BLOCK_ELEMENTS", 50)  # one object per block
+    small = geometry.cell_relations(cells, max_points=16)
+    assert torch.equal(base.placed, small.placed)
+    grid = geometry.candidate_grid()
+    for n, cell in enumerate(cells):
+        for o, obj in enumerate(cell.objects):
+            pts = geometry._object_points(obj.xyz, 16)
+            want = [geometry.DIRECTIONS.index(direction_of(pts[np.argmin(((pts - g) ** 2).sum(axis=1))], g))
+                    for g in grid]
+            assert geometry._unpack_bits(base.placed[n, o], len(grid)).int().argmax(dim=0).tolist() == want

@@ -36,6 +36,7 @@ from spatialoc_ros.evaluation.args import (
 )
 from spatialoc_ros.evaluation.coarse import resolve_data
 from spatialoc_ros.inference import Localizer, resolve_device, shipped_checkpoint
+from spatialoc_ros.models.vector_index import FAISS_INSTALL_HINT, INDEX_KINDS, faiss_available
 from spatialoc_ros.language.transforms import flipped, hint_subsets
 
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "seed 0; default 3 4 5 6; none: skip)")
     g.add_argument("--no_flip_control", action="store_true",
                    help="skip the direction-flip control (every north<->south, east<->west swapped)")
+    g.add_argument("--index", choices=INDEX_KINDS, default="auto",
+                   help="short list of retrieval: exact, faiss, or auto (FAISS above the pre-selection size "
+                   "when installed; smaller maps rank every cell)")
     g.add_argument("--map_scene", type=str, default=None,
                    help="scene drawn in the map figure (short name such as 0003; default: the split's first)")
     return parser
@@ -274,10 +278,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     check_number(parser, "--relation_weight", args.relation_weight, *EXTRA_RANGES["relation_weight"][1:])
     check_number(parser, "--temperature", args.temperature, *EXTRA_RANGES["temperature"][1:])
     check_number(parser, "--refine_sharpness", args.refine_sharpness, 0.0, 1e3)
+    if args.index == "faiss" and not faiss_available():
+        parser.error(FAISS_INSTALL_HINT)
     overrides = {k: getattr(args, k) for k in ("sigma_scale", "relation_weight", "temperature", "refine_sharpness")
                  if getattr(args, k) is not None}
     localizer = Localizer.from_checkpoints(path_coarse, path_fine, text_model=args.text_model,
-                                           device=str(device), batch_size=args.batch_size, **overrides)
+                                           device=str(device), batch_size=args.batch_size, index=args.index,
+                                           **overrides)
     if args.temperature is not None:  # an explicit temperature replaces the per-hint-count ones
         localizer.by_hints["temperature_by_hints"] = None
     check_features(args, localizer.coarse_cfg, "coarse")

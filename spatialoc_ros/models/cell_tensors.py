@@ -78,6 +78,20 @@ def _mirror(values: np.ndarray, flip: Optional[str]) -> np.ndarray:
     return values
 
 
+def _sample_indices(counts: np.ndarray, num_points: int, rng: Optional[np.random.Generator]) -> np.ndarray:
+    """(M, num_points) indices into each object's own points (see :func:`_point_indices`); the
+    deterministic case is computed for all objects at once (the same numbers as ``np.linspace``:
+    ``arange * step`` with the last one set to ``n - 1``)."""
+    if rng is not None:
+        return np.stack([_point_indices(int(n), num_points, rng) for n in counts])
+    last = (counts - 1).astype(np.float64)
+    if num_points == 1:
+        return np.zeros((len(counts), 1), dtype=np.int64)
+    grid = np.arange(num_points, dtype=np.float64)[None, :] * (last / (num_points - 1))[:, None]
+    grid[:, -1] = last
+    return np.round(grid).astype(np.int64)
+
+
 def cells_to_batch(
     cells: Sequence[Cell],
     max_objects: int = 28,
@@ -87,13 +101,44 @@ def cells_to_batch(
 ) -> CellBatch:
     """Pad / truncate ``cells`` into a :class:`CellBatch` on the CPU (see the module docstring).
 
-    Raises ValueError for an unknown class label, an object without points or a bad flip.
+    The per-object work is one pass that collects arrays; sampling, means and flips run on all
+    objects of the batch at once. Raises ValueError for an unknown class label, an object without
+    points or a bad flip.
     """
     if len(cells) == 0:
         raise ValueError("cells_to_batch needs at least one cell")
     if flip is not None and len(flip) != len(cells):
         raise ValueError(f"flip has {len(flip)} entries for {len(cells)} cells")
     B, O, P = len(cells), max_objects, num_points
+    slot_b: list[int] = []
+    slot_o: list[int] = []
+    slot_flip: list[int] = []  # 0 none, 1 x, 2 y, 3 xy (bit 0: x, bit 1: y)
+    labels: list[int] = []
+    points_list: list[np.ndarray] = []
+    colours_list: list[np.ndarray] = []
+    for b, cell in enumerate(cells):
+        cell_flip = None if flip is None else flip[b]
+        if cell_flip not in FLIPS:
+            raise ValueError(f"flip {cell_flip!r} of cell {cell.id} is not one of {FLIPS}")
+        flip_code = 0 if cell_flip is None else ("x" in cell_flip) + 2 * ("y" in cell_flip)
+        for o, obj in enumerate(_kept_objects([x for x in cell.objects if x.label != PAD_LABEL], O)):
+            points, colors = obj.xyz, obj.rgb
+            if not isinstance(points, np.ndarray) or not isinstance(colors, np.ndarray):
+                points, colors = np.asarray(points, dtype=np.float64), np.asarray(colors, dtype=np.float64)
+            if points.ndim != 2 or len(points) == 0 or points.shape != colors.shape or points.shape[1] != 3:
+                raise ValueError(
+                    f"object {obj.id} ({obj.label!r}) of cell {cell.id} needs matching (N>0, 3) "
+                    f"xyz and rgb arrays, got {points.shape} and {colors.shape}"
+                )
+            index = CLASS_TO_INDEX.get(obj.label)
+            if index is None:
+                raise ValueError(f"object {obj.id} of cell {cell.id} has unknown class {obj.label!r}")
+            slot_b.append(b)
+            slot_o.append(o)
+            slot_flip.append(flip_code)
+            labels.append(index)
+            points_list.append(points)
+            colours_list.append(colors)
     xyz = np.zeros((B, O, P, 3), dtype=np.float32)
     rgb = np.zeros((B, O, P, 3), dtype=np.float32)
     class_idx = np.full((B, O), PAD_INDEX, dtype=np.int64)
@@ -101,28 +146,32 @@ def cells_to_batch(
     center = np.zeros((B, O, 3), dtype=np.float32)
     count = np.zeros((B, O), dtype=np.float32)
     mask = np.zeros((B, O), dtype=bool)
-    for b, cell in enumerate(cells):
-        cell_flip = None if flip is None else flip[b]
-        if cell_flip not in FLIPS:
-            raise ValueError(f"flip {cell_flip!r} of cell {cell.id} is not one of {FLIPS}")
-        for o, obj in enumerate(_kept_objects([x for x in cell.objects if x.label != PAD_LABEL], O)):
-            points = np.asarray(obj.xyz, dtype=np.float64)
-            colors = np.asarray(obj.rgb, dtype=np.float64)
-            if len(points) == 0 or points.shape != colors.shape or points.shape[1] != 3:
-                raise ValueError(
-                    f"object {obj.id} ({obj.label!r}) of cell {cell.id} needs matching (N>0, 3) "
-                    f"xyz and rgb arrays, got {points.shape} and {colors.shape}"
-                )
-            if obj.label not in CLASS_TO_INDEX:
-                raise ValueError(f"object {obj.id} of cell {cell.id} has unknown class {obj.label!r}")
-            idx = _point_indices(len(points), P, rng)
-            xyz[b, o] = _mirror(points[idx], cell_flip)
-            rgb[b, o] = colors[idx]
-            class_idx[b, o] = CLASS_TO_INDEX[obj.label]
-            color[b, o] = colors.mean(axis=0)
-            center[b, o] = _mirror(points.mean(axis=0), cell_flip)
-            count[b, o] = len(points)
-            mask[b, o] = True
+    if points_list:
+        bi, oi = np.asarray(slot_b), np.asarray(slot_o)
+        counts = np.array([len(p) for p in points_list], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        # Gathered in the points' own dtype (float32 values stay exact through the flips below:
+        # 1 - x rounds the same in float32 as in float64); means are summed in float64.
+        all_points = np.concatenate(points_list)
+        all_colours = np.concatenate(colours_list)
+        idx = _sample_indices(counts, P, rng) + starts[:, None]  # (M, P) into the concatenation
+        sampled = all_points[idx]  # (M, P, 3)
+        if sampled.dtype != np.float32:
+            sampled = sampled.astype(np.float64)
+        means = np.add.reduceat(all_points, starts, axis=0, dtype=np.float64) / counts[:, None]
+        codes = np.asarray(slot_flip)
+        for axis, bit in ((0, 1), (1, 2)):
+            hit = (codes & bit) != 0
+            if hit.any():
+                sampled[hit, :, axis] = 1.0 - sampled[hit, :, axis]
+                means[hit, axis] = 1.0 - means[hit, axis]
+        xyz[bi, oi] = sampled
+        rgb[bi, oi] = all_colours[idx]
+        class_idx[bi, oi] = labels
+        color[bi, oi] = np.add.reduceat(all_colours, starts, axis=0, dtype=np.float64) / counts[:, None]
+        center[bi, oi] = means
+        count[bi, oi] = counts
+        mask[bi, oi] = True
     return CellBatch(
         xyz=torch.from_numpy(xyz),
         rgb=torch.from_numpy(rgb),

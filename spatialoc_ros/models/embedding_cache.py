@@ -26,7 +26,7 @@ import torch
 _log = logging.getLogger(__name__)
 
 #: Bumped whenever what is cached, or how it is computed, changes.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _PREFIX = "map_embedding"
 
 
@@ -43,15 +43,24 @@ def model_digest(model: torch.nn.Module, cfg) -> str:
 
 
 def map_digest(cells: Sequence) -> str:
-    """SHA-256 of the cells: ids, scenes, sizes, boxes and every object's label, points and colours."""
-    h = hashlib.sha256()
-    for cell in cells:
-        h.update(f"{cell.id}|{cell.scene_name}|{float(cell.cell_size)!r}".encode())
-        h.update(np.ascontiguousarray(np.asarray(cell.bbox_w, dtype=np.float64)).tobytes())
-        for obj in cell.objects:
-            h.update(f"|{obj.label}|{len(obj.xyz)}".encode())
-            h.update(np.ascontiguousarray(np.asarray(obj.xyz, dtype=np.float64)).tobytes())
-            h.update(np.ascontiguousarray(np.asarray(obj.rgb, dtype=np.float64)).tobytes())
+    """SHA-256 of the cells: ids, scenes, sizes, boxes and every object's label, points and colours
+    (their values, with the arrays' dtypes and shapes in a header)."""
+    objects = [o for cell in cells for o in cell.objects]
+    arrays = [np.asarray(a) for o in objects for a in (o.xyz, o.rgb)]
+    dtypes = {a.dtype.str for a in arrays}
+    header = [f"{c.id}|{c.scene_name}|{float(c.cell_size)!r}|{len(c.objects)}" for c in cells]
+    header.append("|".join(o.label for o in objects))
+    header.append(",".join(sorted(dtypes)) if len(dtypes) <= 1 else "".join(a.dtype.str for a in arrays))
+    h = hashlib.sha256("\n".join(header).encode())
+    h.update(np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays)).tobytes())
+    h.update(np.stack([np.asarray(c.bbox_w, dtype=np.float64) for c in cells]).tobytes())
+    if arrays:  # one common dtype holds every value exactly (float32 -> float64 is exact)
+        try:
+            values = np.concatenate(arrays)  # (N, 3) each, as validated maps have
+        except ValueError:  # not all (N, 3): the full shapes go into the digest too
+            h.update(repr([a.shape for a in arrays]).encode())
+            values = np.concatenate([a.reshape(-1) for a in arrays])
+        h.update(values.tobytes())
     return h.hexdigest()
 
 
@@ -69,6 +78,35 @@ def save(path: str, ids: Sequence[str], index: dict, relations: Optional[dict]) 
     arrays.update({f"index.{k}": v.detach().cpu().numpy() for k, v in index.items() if v is not None})
     if relations is not None:
         arrays.update({f"relations.{k}": v.detach().cpu().numpy() for k, v in relations.items()})
+    _write_npz(path, arrays)
+
+
+def centroids_path(path: str, nlist: int) -> str:
+    """The file next to a map cache that keeps the FAISS coarse quantiser's ``nlist`` centroids."""
+    return f"{path[:-len('.npz')]}_ivf{int(nlist)}.npz"
+
+
+def save_centroids(path: str, centroids: np.ndarray) -> None:
+    _write_npz(path, {"centroids": np.asarray(centroids, dtype=np.float32)})
+
+
+def load_centroids(path: str, nlist: int, dim: int) -> Optional[np.ndarray]:
+    """(nlist, dim) float32 centroids from ``path``, or None when absent or damaged (logged)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arr = data["centroids"]
+        if arr.dtype != np.float32 or arr.shape != (nlist, dim) or not np.all(np.isfinite(arr)):
+            raise ValueError(f"centroids have dtype {arr.dtype} and shape {arr.shape}, want float32 {(nlist, dim)}")
+        return arr
+    except Exception as e:  # noqa: BLE001 - any damage means: retrain, and say so
+        _log.warning("index cache %s is unusable (%s: %s); training the index again", path, type(e).__name__, e)
+        return None
+
+
+def _write_npz(path: str, arrays: dict) -> None:
+    """``arrays`` into ``path`` (.npz) through a temporary file and a rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=folder)

@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from spatialoc_ros.data.constants import (
     CLASS_TO_INDEX, COLOR_CENTERS, COLOR_NAMES, DIRECTIONS, ON_TOP_DISTANCE, PAD_INDEX, PAD_LABEL,
@@ -140,12 +141,35 @@ def _object_points(xyz: np.ndarray, max_points: int) -> np.ndarray:
     return pts
 
 
+#: Float64 elements of one block of the (objects, positions, points) distance tensor in
+#: :func:`cell_relations` (32 MB: the work is split in blocks of about this size).
+BLOCK_ELEMENTS = 1 << 22
+DISTANCE_DTYPE = np.float32
+
+
+def _squared_distances(points: np.ndarray, valid: np.ndarray, ux: np.ndarray, uy: np.ndarray,
+                       lattice: bool, gix: np.ndarray, giy: np.ndarray) -> np.ndarray:
+    """(M, P, 2) points (``valid`` (M, P) marks real ones) -> (M, G, P) squared x-y distances to the
+    candidate positions, +inf at padded points. Built from the per-axis terms: (x - px)^2 for the
+    grid's distinct x values plus (y - py)^2 for its distinct y values (the same sums as the
+    position-by-position formula)."""
+    ax = np.square(ux[None, :, None] - points[:, None, :, 0]).astype(DISTANCE_DTYPE)  # (M, Gx, P)
+    ay = np.square(uy[None, :, None] - points[:, None, :, 1]).astype(DISTANCE_DTYPE)  # (M, Gy, P)
+    ax[~np.broadcast_to(valid[:, None, :], ax.shape)] = np.inf
+    if lattice:  # positions ordered y-major, x fastest (candidate_grid's order)
+        d2 = ay[:, :, None, :] + ax[:, None, :, :]
+        return d2.reshape(len(points), len(uy) * len(ux), points.shape[1])
+    return ay[:, giy, :] + ax[:, gix, :]
+
+
 def cell_relations(cells: Sequence, max_objects: int = 28, grid: Optional[np.ndarray] = None,
-                   max_points: int = MAX_POINTS) -> CellRelations:
+                   max_points: int = MAX_POINTS, progress: bool = False) -> CellRelations:
     """Direction classes of every object of ``cells`` (Cell objects) at every candidate position.
 
     The objects kept are those of :func:`spatialoc_ros.models.cell_tensors.cells_to_batch` (the
     ``max_objects`` largest when a cell has more), so the slots line up with the learned levels'.
+    All objects are processed together: sorted by point count and cut into blocks of similar
+    counts (padded to the block's largest), the nearest point per position is one argmin.
     """
     from spatialoc_ros.models.cell_tensors import _kept_objects
 
@@ -156,18 +180,58 @@ def cell_relations(cells: Sequence, max_objects: int = 28, grid: Optional[np.nda
     label = np.full((N, O), PAD_INDEX, dtype=np.int64)
     colour = np.zeros((N, O), dtype=np.int64)
     mask = np.zeros((N, O), dtype=bool)
-    one_hot = np.eye(len(DIRECTIONS), dtype=bool)
+    slot_n, slot_o, labels, xyz_list, rgb_list = [], [], [], [], []
     for n, cell in enumerate(cells):
-        objs = _kept_objects([o for o in cell.objects if o.label != PAD_LABEL], O)
-        for o, obj in enumerate(objs):
-            pts = _object_points(obj.xyz, max_points)  # (P, 2)
-            diff = grid[:, None, :] - pts[None, :, :]  # (G, P, 2) point -> position
-            nearest = np.argmin(np.einsum("gpi,gpi->gp", diff, diff), axis=1)  # (G,)
-            dirs = direction_classes(diff[np.arange(G), nearest])  # (G,)
-            placed[n, o] = _pack_bits(one_hot[dirs].T)  # (5, G) -> (5, W)
-            label[n, o] = CLASS_TO_INDEX[obj.label]
-            colour[n, o] = colour_index(np.asarray(obj.rgb, dtype=np.float64).mean(axis=0))
-            mask[n, o] = True
+        for o, obj in enumerate(_kept_objects([x for x in cell.objects if x.label != PAD_LABEL], O)):
+            slot_n.append(n)
+            slot_o.append(o)
+            labels.append(CLASS_TO_INDEX[obj.label])
+            xyz_list.append(obj.xyz)
+            rgb_list.append(obj.rgb)
+    if xyz_list:
+        ni, oi = np.asarray(slot_n), np.asarray(slot_o)
+        raw = np.array([len(x) for x in xyz_list], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(raw)[:-1]])
+        all_rgb = np.concatenate([np.asarray(c) for c in rgb_list])
+        label[ni, oi] = labels
+        colour[ni, oi] = colour_index(np.add.reduceat(all_rgb, starts, axis=0, dtype=np.float64) / raw[:, None])
+        mask[ni, oi] = True
+        all_xy = np.concatenate([np.asarray(x)[:, 0:2] for x in xyz_list]).astype(np.float64)
+        counts = np.minimum(raw, max_points)  # points used per object (_object_points' subset)
+        ux, gix = np.unique(grid[:, 0], return_inverse=True)
+        uy, giy = np.unique(grid[:, 1], return_inverse=True)
+        lattice = len(ux) * len(uy) == G and np.array_equal(
+            grid, np.stack(np.meshgrid(ux, uy, indexing="xy"), axis=-1).reshape(-1, 2))
+        order = np.argsort(counts, kind="stable")
+        sorted_counts = counts[order]
+        one_hot = np.eye(len(DIRECTIONS), dtype=bool)
+        bar = tqdm(total=len(order), desc="map geometry", unit="object", disable=not progress, leave=False)
+        start = 0
+        while start < len(order):
+            # A block of objects with similar point counts (sorted, so the last is the widest),
+            # as many as fit in BLOCK_ELEMENTS once padded to the widest.
+            window = sorted_counts[start:start + max(BLOCK_ELEMENTS // G, 1)]
+            cost = np.arange(1, len(window) + 1) * G * window
+            stop = start + max(int(np.searchsorted(cost, BLOCK_ELEMENTS, side="right")), 1)
+            members = order[start:stop]
+            width = int(counts[members[-1]])
+            local = np.arange(width)[None, :]
+            n_used, n_raw = counts[members][:, None], raw[members][:, None]
+            # Evenly spaced subset (np.linspace's arithmetic) where an object has more points
+            # than max_points; its own points otherwise; padding repeats the last point.
+            spread = np.round(local * ((n_raw - 1) / max(max_points - 1, 1))).astype(np.int64)
+            take = np.where(n_raw > max_points, spread, np.minimum(local, n_used - 1))
+            if max_points > 1:
+                take = np.where((n_raw > max_points) & (local == max_points - 1), n_raw - 1, take)
+            pts = all_xy[starts[members][:, None] + take]  # (M, width, 2)
+            valid = local < n_used
+            nearest = np.argmin(_squared_distances(pts, valid, ux, uy, lattice, gix, giy), axis=2)  # (M, G)
+            closest = np.take_along_axis(pts, nearest[..., None], axis=1)  # (M, G, 2)
+            dirs = direction_classes(grid[None, :, :] - closest)  # (M, G)
+            placed[ni[members], oi[members]] = _pack_bits(one_hot[dirs].transpose(0, 2, 1))  # (M, 5, W)
+            bar.update(stop - start)
+            start = stop
+        bar.close()
     return CellRelations(torch.from_numpy(placed), torch.from_numpy(label), torch.from_numpy(colour),
                          torch.from_numpy(mask))
 

@@ -58,6 +58,7 @@ from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
 from spatialoc_ros.data.validation import validate_cells
+from spatialoc_ros.models.vector_index import INDEX_KINDS, PRESELECT_ABOVE
 from spatialoc_ros.ros import conversions
 from spatialoc_ros.ros.instruction import check_instruction
 from spatialoc_ros.ros.lifecycle_base import COMMON_PARAMETERS, STATUS_QOS, SpatialocLifecycleNode, reliable_qos, spin
@@ -150,6 +151,11 @@ PARAMETERS: dict[str, ParamSpec] = {
         "", "Folder of the on-disk map-embedding cache ('' = none): a restart on the same map and model "
             "loads the embedding instead of recomputing it (keyed by their content; a stale or damaged "
             "file is rebuilt, logged)."),
+    "index": ParamSpec(
+        "auto", "Short-list back-end of retrieval on large maps: exact (torch top-k over every cell) | faiss "
+                f"(inverted-file FAISS index) | auto (FAISS above {PRESELECT_ABOVE:,} cells when installed). The re-ranking "
+                "of the short list on every level is exact either way.",
+        check=lambda v: None if v in INDEX_KINDS else f"must be one of {', '.join(INDEX_KINDS)}, got {v!r}"),
     "sentence_cache": ParamSpec(
         True, "Keep the language-model features of every distinct hint sentence (faster repeated hints; "
               "bounded LRU)."),
@@ -177,6 +183,7 @@ class LocalizerConfig:
     covariance: str
     min_confidence: float
     embedding_cache_dir: str
+    index: str
     sentence_cache: bool
     diagnostics_period_s: float
 
@@ -258,6 +265,7 @@ class LocalizerNode(SpatialocLifecycleNode):
                 device=self.cfg.device,
                 fixed_embedding=self.cfg.sentence_cache,
                 min_hints=1,  # the node checks its own (dynamic) min_hints first
+                index=self.cfg.index,
             )
         except Exception as e:  # noqa: BLE001 - any failure to load is a failed configure, with its cause
             self._localizer = None
