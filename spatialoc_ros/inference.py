@@ -221,6 +221,23 @@ def _concat(objs: Sequence):
     return type(first)(**values)
 
 
+def _pad_objects(emb, num_objects: int):
+    """A CellEmbedding of a trimmed batch (:meth:`CellBatch.trimmed`) with its per-object fields
+    padded back to ``num_objects`` slots (zero vectors, mask False), as the map index stores them."""
+    have = emb.mask.shape[1]
+    if have == num_objects:
+        return emb
+
+    def pad(t):
+        if t is None:
+            return None
+        out = t.new_zeros((t.shape[0], num_objects) + tuple(t.shape[2:]))
+        out[:, :have] = t
+        return out
+
+    return dataclasses.replace(emb, objects=pad(emb.objects), mask=pad(emb.mask), relations=pad(emb.relations))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -543,8 +560,8 @@ class Localizer:
                           unit="batch", leave=False):
             chunk = [cells[i] for i in order[start:start + bs]]
             batch = cells_to_batch(chunk, max_objects=cfg.max_objects, num_points=cfg.num_points,
-                                   rng=None).to(self.device)
-            parts.append(self.coarse.encode_cells(batch))
+                                   rng=None).trimmed().to(self.device)
+            parts.append(_pad_objects(self.coarse.encode_cells(batch), cfg.max_objects))
         inverse = torch.from_numpy(np.argsort(order, kind="stable")).to(self.device)
         index = _take(_concat(parts), inverse)
         finite = torch.ones(len(cells), dtype=torch.bool, device=self.device)

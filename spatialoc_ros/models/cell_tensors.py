@@ -49,6 +49,15 @@ class CellBatch:
         """The sub-batch ``idx`` (slice, index tensor or list) along B."""
         return CellBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
+    def trimmed(self) -> "CellBatch":
+        """The same cells with the object slots past the batch's largest real-object count cut
+        off (real objects fill the first slots). The models are mask-correct, so a trimmed batch
+        gives the same outputs for the remaining slots, for less work."""
+        keep = max(int(self.mask.sum(dim=1).max()), 1) if self.mask.numel() else 1
+        if keep >= self.mask.shape[1]:
+            return self
+        return CellBatch(**{f.name: getattr(self, f.name)[:, :keep] for f in fields(self)})
+
 
 def _point_indices(n: int, num_points: int, rng: Optional[np.random.Generator]) -> np.ndarray:
     """Indices of ``num_points`` points out of ``n``: random (with replacement only when n is too

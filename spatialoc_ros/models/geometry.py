@@ -256,13 +256,14 @@ def satisfied_hints(hints: Sequence, rel: CellRelations, grid_size: int = GRID_S
     d, c, lab = (t.to(rel.mask.device) for t in hint_tensors(hints))
     named = (rel.label[:, None, :] == lab[None, :, None]) & rel.mask[:, None, :]  # (N, H, O)
     named &= (c[None, :, None] == ANY_COLOUR) | (rel.colour[:, None, :] == c[None, :, None])
-    words = rel.placed[:, :, d, :]  # (N, O, H, W)
-    words = torch.where(named.transpose(1, 2)[..., None], words, torch.zeros((), dtype=words.dtype,
-                                                                             device=words.device))
-    acc = words[:, 0]
-    for o in range(1, words.shape[1]):
-        acc = acc | words[:, o]  # (N, H, W)
-    return _unpack_bits(acc, grid_size)
+    # Few objects are named by a hint: gather only those (cell, hint, object) triples, unpack
+    # their positions and count them per (cell, hint).
+    n, h, o = named.nonzero(as_tuple=True)
+    held = torch.zeros(named.shape[0], named.shape[1], grid_size, dtype=torch.int32, device=named.device)
+    if len(n):
+        bits = _unpack_bits(rel.placed[n, o, d[h]], grid_size).to(torch.int32)  # (M, G)
+        held.index_put_((n, h), bits, accumulate=True)
+    return held > 0
 
 
 @torch.no_grad()
