@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--base_path", default="", help="KITTI360Pose folder; '' = the embedded synthetic city")
     d.add_argument("--scenes", nargs="*", default=[],
                    help="scenes the map server serves (default: the test split); e.g. the test scenes plus "
-                        "0000 0002 0004 0006 give a 2,127-cell map of the default city")
+                        "2013_05_28_drive_0000_sync, _0002_, _0004_ and _0006_ give a 2,127-cell map of the default city")
     d.add_argument("--queries", type=int, default=100, help="timed instructions (one at a time)")
     d.add_argument("--warmup", type=int, default=3, help="untimed instructions first")
     d.add_argument("--seed", type=int, default=0)
