@@ -174,14 +174,7 @@ def gather_embeddings(run: distributed.Distributed, text, cells):
 
 def train(args: argparse.Namespace) -> int:
     """Train as one process, or as one of torchrun's processes (see training.distributed)."""
-    topology = distributed.Topology.from_env()
-    with distributed.quiet_unless_main(topology):
-        device = engine.setup_runtime(args, topology)
-        run = distributed.Distributed.start(topology, device)
-        try:
-            return _train(args, device, run)
-        finally:
-            run.shutdown()
+    return engine.run_trainer(args, _train)
 
 
 def _train(args: argparse.Namespace, device: torch.device, run: distributed.Distributed) -> int:

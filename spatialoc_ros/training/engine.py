@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from spatialoc_ros.inference import resolve_device
+from spatialoc_ros.training import distributed
 from spatialoc_ros.training.distributed import Topology, process_device, process_note
 
 if TYPE_CHECKING:
@@ -283,3 +284,16 @@ def prepare_model(args: argparse.Namespace, kind: str, text_dim: int, device: to
         scheduler.load_state_dict(state["scheduler"])
     return (model, cfg, optimizer, scheduler, int(extra["epoch"]) + 1, list(extra["best_metric"]),
             dict(extra.get("history", {})))
+
+
+def run_trainer(args: argparse.Namespace, body: Callable) -> int:
+    """``body(args, device, run)`` as one process, or as one of torchrun's processes (see
+    :mod:`spatialoc_ros.training.distributed`): runtime set up, process group started and shut down."""
+    topology = distributed.Topology.from_env()
+    with distributed.quiet_unless_main(topology):
+        device = setup_runtime(args, topology)
+        run = distributed.Distributed.start(topology, device)
+        try:
+            return body(args, device, run)
+        finally:
+            run.shutdown()
