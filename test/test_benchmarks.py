@@ -49,3 +49,20 @@ def test_latency_benchmark_small(tmp_path, small_city):
     assert row["cells"] == 150 and row["restart_from_cache"] is True
     assert 0.0 <= row["faiss_recall_at_10"] <= 1.0 and row["bytes_per_cell"] > 0
     assert report["index_only"][0]["cells"] == 3000
+
+
+def test_train_throughput_side_by_side_and_full_size(tmp_path, small_city):
+    """The side-by-side mode (two worker processes, alternating rounds) on this tree against
+    itself, and the seed's full-size configs built from the training CLIs' flags."""
+    script = str(REPO_ROOT / "benchmarks" / "train_throughput.py")
+    proc = _run([script, "--base_path", small_city, "--device", "cpu", "--ref_tree", str(REPO_ROOT),
+                 "--rounds", "2", "--batches", "1", "--warmup", "1", "--coarse_batch_size", "8",
+                 "--fine_batch_size", "8"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("coarse", "fine"):
+        assert proc.stdout.count(f"{stage} old total:") == 1 and f"{stage}: new / old = " in proc.stdout
+    assert proc.stdout.count("round 2") == 4
+    proc = _run([script, "--base_path", small_city, "--device", "cpu", "--size", "full", "--stages", "fine",
+                 "--batches", "1", "--warmup", "0", "--fine_batch_size", "2"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "embed 128, 256 points, 28 objects, pointnet2 PointNet 256-d" in proc.stdout

@@ -39,6 +39,21 @@ from spatialoc_ros.models.layers import masked_softmax, mlp
 
 #: Initial width (cell units) of the Gaussian distance weighting of every layer.
 INITIAL_SIGMA = 0.3
+#: Object pairs per chunk of cells without autograd (pair tensors of a few MB).
+NO_GRAD_CHUNK_PAIRS = 8192
+
+
+def _pair_sum(per_i: torch.Tensor, per_j: torch.Tensor) -> torch.Tensor:
+    """(B, O, R) terms of object i and of object j -> (B, O, O, R) their sum for every pair (i, j)."""
+    return per_i.unsqueeze(2) + per_j.unsqueeze(1)
+
+
+def _accumulate_linear(out: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``out += inputs @ weight.T`` in place, one matrix product writing straight into ``out``
+    (..., R); inputs (..., K), weight (R, K). -> out."""
+    R = out.shape[-1]
+    out.view(-1, R).addmm_(inputs.reshape(-1, inputs.shape[-1]), weight.t())
+    return out
 
 
 class BezierRelationLayer(nn.Module):
@@ -70,14 +85,34 @@ class BezierRelationLayer(nn.Module):
         t = self.t.to(pair.dtype).view(-1, 1)  # (K, 1)
         return (2 * (1 - t) * t) * control.unsqueeze(-2) + (t * t) * offset.unsqueeze(-2)
 
+    def pair_update_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair update's linear part as one Linear on [r_ij, |P2| tanh(W r_ij), P2] (R + 6 inputs).
+
+        ``curve(B(t_1..t_K))`` is linear in the sampled points, which are linear in the control
+        point and P2, and the control point is ``P2 / 2 + (|P2| / 2) tanh(W r_ij)``; so
+        ``curve(...) + pair_self(r_ij) = [pair_self | A / 2 | A / 2 + C] [r_ij, |P2| tanh, P2] + b``
+        with ``A = sum_k 2 (1 - t_k) t_k W_k`` and ``C = sum_k t_k^2 W_k`` (``W_k``: the curve
+        weight's columns of sample k). -> (weight (R, R + 6), bias (R,)).
+        """
+        t = self.t.to(self.curve.weight.dtype)
+        per_sample = self.curve.weight.view(-1, t.numel(), 3)  # (R, K, 3), W_k = [:, k]
+        to_control = torch.einsum("k,rkc->rc", 2 * (1 - t) * t, per_sample)  # A
+        to_end = torch.einsum("k,rkc->rc", t * t, per_sample)  # C
+        weight = torch.cat([self.pair_self.weight, 0.5 * to_control, 0.5 * to_control + to_end], dim=1)
+        return weight, self.curve.bias
+
     def forward(self, x, pair, offset, length, pair_mask, object_mask):
         """x: (B, O, D); pair: (B, O, O, R); offset (B, O, O, 3); length (B, O, O, 1);
         pair_mask (B, O, O) bool (both real, i != j); object_mask (B, O) bool
         -> (x (B, O, D), pair (B, O, O, R), pooled (B, O, R))."""
-        points = self.curve_points(pair, offset, length)  # (B, O, O, K, 3)
-        curve = self.curve(points.flatten(-2))  # (B, O, O, R)
-        update = curve + self.pair_self(pair) + self.from_i(x).unsqueeze(2) + self.from_j(x).unsqueeze(1)
-        pair = self.pair_norm(pair + torch.tanh(update))  # (B, O, O, R)
+        # curve(B(t_1..t_K)) + pair_self(pair) (see curve_points) as one Linear, accumulated onto
+        # the object terms (the Linear's bias folded into those of object i)
+        bend = length * torch.tanh(self.control(pair))  # (B, O, O, 3)
+        weight, bias = self.pair_update_weights()
+        update = _pair_sum(self.from_i(x) + bias, self.from_j(x))  # (B, O, O, R)
+        update = _accumulate_linear(update, torch.cat([pair, bend, offset], dim=-1), weight).tanh_()
+        # pair + tanh(update): in place where no gradient needs tanh's output
+        pair = self.pair_norm(pair + update if torch.is_grad_enabled() else update.add_(pair))  # (B, O, O, R)
 
         sigma = self.log_sigma.exp()
         logits = self.score(pair).squeeze(-1) - length.squeeze(-1).square() / (2 * sigma * sigma)
@@ -113,7 +148,18 @@ class BEOSE(nn.Module):
 
     def forward(self, x: torch.Tensor, center: torch.Tensor, mask: torch.Tensor):
         """x: (B, O, D) object tokens; center: (B, O, 3) cell units; mask: (B, O) bool
-        -> (objects (B, O, D), relations (B, O, D)), both zero at padded slots."""
+        -> (objects (B, O, D), relations (B, O, D)), both zero at padded slots.
+
+        Cells are independent: without autograd they go through in chunks of about
+        ``NO_GRAD_CHUNK_PAIRS`` pairs, so that the pair tensors stay in the CPU's cache."""
+        B, O = mask.shape
+        step = max(1, NO_GRAD_CHUNK_PAIRS // max(O * O, 1))
+        if B > step and not torch.is_grad_enabled():
+            parts = [self._cells(x[s:s + step], center[s:s + step], mask[s:s + step]) for s in range(0, B, step)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return self._cells(x, center, mask)
+
+    def _cells(self, x: torch.Tensor, center: torch.Tensor, mask: torch.Tensor):
         num_objects = x.shape[1]
         offset = center.unsqueeze(1) - center.unsqueeze(2)  # (B, O, O, 3): c_j - c_i
         length = offset.norm(dim=-1, keepdim=True)  # (B, O, O, 1)
@@ -122,8 +168,11 @@ class BEOSE(nn.Module):
 
         keep = mask.unsqueeze(-1).to(x.dtype)
         x = x * keep
-        pair = self.geometry(torch.cat([offset, length], dim=-1))
-        pair = pair + self.init_i(x).unsqueeze(2) + self.init_j(x).unsqueeze(1)  # (B, O, O, R)
+        # geometry(offset, length) + init_i(x_i) + init_j(x_j), the geometry's last Linear accumulated
+        # onto the object terms (its bias folded into those of object i)
+        last = self.geometry[-1]
+        pair = _pair_sum(self.init_i(x) + last.bias, self.init_j(x))  # (B, O, O, R)
+        pair = _accumulate_linear(pair, self.geometry[:-1](torch.cat([offset, length], dim=-1)), last.weight)
         pooled = x.new_zeros(x.shape[0], num_objects, pair.shape[-1])
         for layer in self.layers:
             x, pair, pooled = layer(x, pair, offset, length, pair_mask, mask)
