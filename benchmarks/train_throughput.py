@@ -19,9 +19,10 @@ the time of each phase is reported too. The first ``--warmup`` batches (text cac
 allocator warm-up) are not timed.
 
 ``--ref_tree DIR`` times another checkout (e.g. ``git worktree add /tmp/ref <commit>``) side by side:
-one worker process per code tree, each with the same seeds (so the same batches), both loaded
-before timing starts; the rounds alternate between them (old, new, new, old, ...) so that a change
-in machine load hits both. Printed: both rates per stage and the ratio new / old.
+rounds alternate between the trees (old, new, new, old, ...) so that a change in machine load hits
+both, each round in a fresh worker process of one tree and stage with the same seeds (so the same
+batches), so that only one tree's memory is in use at a time. Printed: both rates per stage and the
+ratio new / old.
 
 ``--profile`` runs torch.profiler over ``--batches`` steps of each stage (in this process, this
 tree) and prints the top operators by self time and the forward time of the model's submodules.
@@ -263,34 +264,53 @@ class Worker:
         self.proc.wait()
 
 
+def without_stages(argv: list[str]) -> list[str]:
+    """argv without its ``--stages`` flag and values."""
+    out, skipping = [], False
+    for a in argv:
+        if a == "--stages":
+            skipping = True
+        elif skipping and a in STAGES:
+            continue
+        else:
+            skipping = False
+            out.append(a)
+    return out
+
+
 def side_by_side(args: argparse.Namespace, argv: list[str]) -> int:
-    workers = {"old": Worker(os.path.abspath(args.ref_tree), argv), "new": Worker(args.code_root, argv)}
-    info = workers["new"].info
-    print(f"torch {info['torch']}, {info['threads']} CPU threads, device {info['device']}; "
-          f"train split: {info['queries']} queries; size {args.size}")
-    print(f"old = {workers['old'].tree}, new = {workers['new'].tree}; {args.rounds} rounds of "
-          f"{args.batches} batches per tree and stage, alternating")
-    try:
-        for name in args.stages:
-            print(f"{name}: {info['describe'][name]}")
-            totals = {k: {"samples": 0, "seconds": 0.0, "batches": 0, "phases": defaultdict(float)} for k in workers}
-            for r in range(args.rounds):
-                for key in (("old", "new") if r % 2 == 0 else ("new", "old")):
-                    res = workers[key].run(name, args.batches)
-                    print("  round", r + 1, rate_line(f"{key:3s}", res))
-                    tot = totals[key]
-                    tot["samples"] += res["samples"]
-                    tot["seconds"] += res["seconds"]
-                    tot["batches"] += res["batches"]
-                    for ph, s in res["phases"].items():
-                        tot["phases"][ph] += s
-            rates = {k: t["samples"] / t["seconds"] for k, t in totals.items()}
-            for key in workers:
-                print(f"  {name} {rate_line(f'{key:3s} total', totals[key])}")
-            print(f"  {name}: new / old = {rates['new'] / rates['old']:.2f}x")
-    finally:
-        for w in workers.values():
-            w.close()
+    """Alternating rounds, each in a fresh worker process of one tree and one stage (loaded, warmed
+    up, timed, closed): only one tree's model and batches are in memory at a time, so that one
+    tree's memory use cannot slow the other's allocations."""
+    trees = {"old": os.path.abspath(args.ref_tree), "new": args.code_root}
+    base = without_stages(argv)
+    print(f"old = {trees['old']}, new = {trees['new']}; {args.rounds} rounds of {args.batches} batches per "
+          f"tree and stage (after {args.warmup} warm-up), alternating, a fresh process per round")
+    for name in args.stages:
+        totals = {k: {"samples": 0, "seconds": 0.0, "batches": 0, "phases": defaultdict(float)} for k in trees}
+        for r in range(args.rounds):
+            for key in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                worker = Worker(trees[key], base + ["--stages", name])
+                try:
+                    if r == 0 and key == "old":
+                        info = worker.info
+                        print(f"torch {info['torch']}, {info['threads']} CPU threads, device {info['device']}; "
+                              f"train split: {info['queries']} queries; size {args.size}")
+                        print(f"{name}: {info['describe'][name]}")
+                    res = worker.run(name, args.batches)
+                finally:
+                    worker.close()
+                print("  round", r + 1, rate_line(f"{key:3s}", res))
+                tot = totals[key]
+                tot["samples"] += res["samples"]
+                tot["seconds"] += res["seconds"]
+                tot["batches"] += res["batches"]
+                for ph, sec in res["phases"].items():
+                    tot["phases"][ph] += sec
+        rates = {k: t["samples"] / t["seconds"] for k, t in totals.items()}
+        for key in trees:
+            print(f"  {name} {rate_line(f'{key:3s} total', totals[key])}")
+        print(f"  {name}: new / old = {rates['new'] / rates['old']:.2f}x")
     return 0
 
 
