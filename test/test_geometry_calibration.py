@@ -318,6 +318,10 @@ def test_embedding_cache_round_trip_and_rebuild(calibrated, small_city, tmp_path
         second.set_map(data.cells, progress=False, cache_dir=str(cache))
     assert "loaded from the cache" in caplog.text
     got = second.localize_many(texts, top_k=3)
+    for name in ("global_", "objects", "mask", "relations"):  # packed on disk, the same tensors back
+        assert torch.equal(getattr(first._index, name), getattr(second._index, name)), name
+    with np.load(files[0], allow_pickle=False) as f:
+        assert f["index.objects@packed"].shape == (int(first._index.mask.sum()), first._index.objects.shape[-1])
     for a, b in zip(want, got):
         assert [h.cell_id for h in a] == [h.cell_id for h in b]
         np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-6)

@@ -17,7 +17,10 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import tempfile
+import zipfile
+import zlib
 from typing import Optional, Sequence
 
 import numpy as np
@@ -26,7 +29,7 @@ import torch
 _log = logging.getLogger(__name__)
 
 #: Bumped whenever what is cached, or how it is computed, changes.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 _PREFIX = "map_embedding"
 
 
@@ -44,23 +47,27 @@ def model_digest(model: torch.nn.Module, cfg) -> str:
 
 def map_digest(cells: Sequence) -> str:
     """SHA-256 of the cells: ids, scenes, sizes, boxes and every object's label, points and colours
-    (their values, with the arrays' dtypes and shapes in a header)."""
+    (their values, with the arrays' dtypes and lengths in a header). The cells are validated maps'
+    cells (every point array (N, 3), see :func:`spatialoc_ros.data.validation.validate_cells`), so
+    the lengths N give the shapes."""
     objects = [o for cell in cells for o in cell.objects]
     arrays = [np.asarray(a) for o in objects for a in (o.xyz, o.rgb)]
-    dtypes = {a.dtype.str for a in arrays}
+    dtypes = {d.str for d in {a.dtype for a in arrays}}
     header = [f"{c.id}|{c.scene_name}|{float(c.cell_size)!r}|{len(c.objects)}" for c in cells]
     header.append("|".join(o.label for o in objects))
     header.append(",".join(sorted(dtypes)) if len(dtypes) <= 1 else "".join(a.dtype.str for a in arrays))
     h = hashlib.sha256("\n".join(header).encode())
     h.update(np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays)).tobytes())
     h.update(np.stack([np.asarray(c.bbox_w, dtype=np.float64) for c in cells]).tobytes())
-    if arrays:  # one common dtype holds every value exactly (float32 -> float64 is exact)
-        try:
-            values = np.concatenate(arrays)  # (N, 3) each, as validated maps have
-        except ValueError:  # not all (N, 3): the full shapes go into the digest too
-            h.update(repr([a.shape for a in arrays]).encode())
-            values = np.concatenate([a.reshape(-1) for a in arrays])
-        h.update(values.tobytes())
+    if not arrays:
+        return h.hexdigest()
+    if len(dtypes) == 1:
+        # the bytes of the arrays one after the other: those of their concatenation, without
+        # building it (3.6x faster on a 30,000-cell map)
+        for a in arrays:
+            h.update(a if a.flags.c_contiguous else np.ascontiguousarray(a))
+    else:  # one common dtype holds every value exactly (float32 -> float64 is exact)
+        h.update(np.concatenate([a.reshape(-1) for a in arrays]).tobytes())
     return h.hexdigest()
 
 
@@ -72,10 +79,26 @@ def cache_path(cache_dir: str, key: str) -> str:
     return os.path.join(cache_dir, f"{_PREFIX}_{key[:32]}.npz")
 
 
+#: Per-object index fields (N, O, D) whose padded slots (``mask`` False) are zero vectors: stored as
+#: the rows of the real slots only (``<name>@packed``, (real objects, D)), about half the file of a
+#: city map, and padded back with zeros on load. A field with anything but zeros at a padded slot
+#: is stored whole.
+PACKED_FIELDS = ("objects", "relations")
+_PACKED = "@packed"
+
+
 def save(path: str, ids: Sequence[str], index: dict, relations: Optional[dict]) -> None:
     """Write ``ids`` (the kept cells), the index arrays and the relations arrays atomically."""
     arrays = {"ids": np.asarray(list(ids), dtype=np.str_)}
-    arrays.update({f"index.{k}": v.detach().cpu().numpy() for k, v in index.items() if v is not None})
+    mask = index.get("mask")
+    for k, v in index.items():
+        if v is None:
+            continue
+        v = v.detach().cpu()
+        if k in PACKED_FIELDS and mask is not None and v.shape[:2] == mask.shape and not bool(v[~mask.cpu()].any()):
+            arrays[f"index.{k}{_PACKED}"] = v[mask.cpu()].numpy()
+        else:
+            arrays[f"index.{k}"] = v.numpy()
     if relations is not None:
         arrays.update({f"relations.{k}": v.detach().cpu().numpy() for k, v in relations.items()})
     _write_npz(path, arrays)
@@ -120,6 +143,58 @@ def _write_npz(path: str, arrays: dict) -> None:
         raise
 
 
+def read_npz(path: str) -> dict:
+    """{name: array} of an uncompressed ``.npz`` as :func:`numpy.load` (``allow_pickle=False``)
+    reads it, each member's CRC-32 checked, but every array read in one piece straight into its
+    memory (numpy reads zip members in 256 KB chunks through two copies: 2.5x slower on a 3 GB map
+    cache). Raises ValueError for a member that is compressed, holds Python objects or does not
+    match its CRC."""
+    out = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy") or info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"member {info.filename!r} is not a stored .npy array")
+            raw.seek(info.header_offset)
+            local = raw.read(30)  # the local file header; its name and extra field come next
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise ValueError(f"member {info.filename!r} has no local header")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            raw.seek(start)
+            version = np.lib.format.read_magic(raw)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(raw) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(raw))
+            if dtype.hasobject:
+                raise ValueError(f"member {info.filename!r} holds Python objects")
+            header_len = raw.tell() - start
+            raw.seek(start)
+            crc = zlib.crc32(raw.read(header_len))
+            array = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+            data = memoryview(array.reshape(-1, order="A").view(np.uint8))  # its bytes, in memory order
+            if header_len + len(data) != info.file_size or raw.readinto(data) != len(data):
+                raise ValueError(f"member {info.filename!r} is truncated")
+            if zlib.crc32(data, crc) != info.CRC:
+                raise ValueError(f"member {info.filename!r} fails its CRC check")
+            out[info.filename[:-len(".npy")]] = array
+    return out
+
+
+def _unpack(rows: np.ndarray, mask: Optional[torch.Tensor], kind: str, tail: Optional[tuple], key: str) -> torch.Tensor:
+    """(real slots, D) rows of a packed field -> (N, O, D) with zeros at the padded slots of ``mask``."""
+    if mask is None:
+        raise ValueError(f"{key} is packed but the index has no mask")
+    shape = tuple(mask.shape) + tuple(rows.shape[1:])
+    if (rows.dtype.kind != kind or rows.ndim < 1 or rows.shape[0] != int(mask.sum())
+            or (tail is not None and shape[1:] != tail)):
+        raise ValueError(f"{key}{_PACKED} has dtype {rows.dtype} and shape {rows.shape} for a mask of "
+                         f"{int(mask.sum())} real slots")
+    if kind == "f" and not np.all(np.isfinite(rows)):
+        raise ValueError(f"{key} has non-finite values")
+    full = torch.zeros(shape, dtype=torch.from_numpy(rows[:0]).dtype)
+    full[mask] = torch.from_numpy(rows)
+    return full
+
+
 def load(path: str, cell_ids: Sequence[str], index_fields: dict, relation_fields: Optional[dict]):
     """(kept ids, index tensors, relations tensors or None), or None when the file is absent or fails
     a check (logged: the caller rebuilds it).
@@ -131,9 +206,8 @@ def load(path: str, cell_ids: Sequence[str], index_fields: dict, relation_fields
     if not os.path.isfile(path):
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            files = {name: data[name] for name in data.files}
-        ids = [str(x) for x in files.pop("ids")]
+        files = read_npz(path)
+        ids = files.pop("ids").tolist()
         wanted = set(cell_ids)
         if not ids or any(i not in wanted for i in ids) or len(set(ids)) != len(ids):
             raise ValueError("cell ids differ from the map's")
@@ -143,8 +217,11 @@ def load(path: str, cell_ids: Sequence[str], index_fields: dict, relation_fields
         out = {}
         for group, fields in (("index", index_fields), ("relations", relation_fields or {})):
             part = {}
-            for name, (kind, tail) in fields.items():
+            for name, (kind, tail) in sorted(fields.items(), key=lambda kv: kv[0] in PACKED_FIELDS):
                 key = f"{group}.{name}"
+                if group == "index" and name in PACKED_FIELDS and key + _PACKED in files:
+                    part[name] = _unpack(files[key + _PACKED], part.get("mask"), kind, tail, key)
+                    continue
                 if key not in files:
                     raise ValueError(f"{key} missing")
                 arr = files[key]
