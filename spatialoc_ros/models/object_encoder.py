@@ -90,7 +90,10 @@ class PointNet(nn.Module):
         for linear in self._linears[:-1]:
             h = F.linear(h, linear.weight, linear.bias).relu_()
         last = self._linears[-1]
-        return (F.linear(h, last.weight).amax(dim=-2) + last.bias).relu_()  # (..., out_dim)
+        h = F.linear(h, last.weight)
+        # amax is the faster reduction, max's backward (one index per channel) the faster gradient
+        peak = h.max(dim=-2).values if torch.is_grad_enabled() else h.amax(dim=-2)
+        return (peak + last.bias).relu_()  # (..., out_dim)
 
 
 class _PointBatchNorm(nn.BatchNorm1d):
