@@ -232,6 +232,30 @@ def test_pointnet2_float32_round_off_is_the_references():
     assert errors["fast"]["output"] < 1e-4 and errors["fast"]["buffers"] < 1e-4, errors
 
 
+class _OtherNorm(oe._PointBatchNorm):
+    """A BatchNorm of another class (as torchrun's global-batch switch makes them)."""
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_pointnet2_with_other_batchnorms_runs_them_as_modules(train, monkeypatch):
+    """With BatchNorms of another class the MLPs run as modules (their own forward is used), and
+    still compute what the fused form does."""
+    g = torch.Generator().manual_seed(10)
+    fast, plain = _twins(lambda: oe.PointNet2(out_dim=24), torch.float64, g)
+    for m in plain.modules():
+        if isinstance(m, oe._PointBatchNorm):
+            m.__class__ = _OtherNorm
+    fast.train(train), plain.train(train)
+    fused = []
+    monkeypatch.setattr(oe._PointMLPMax, "apply", lambda *a, _f=oe._PointMLPMax.apply: fused.append(1) or _f(*a))
+    inputs = [t.double() for t in _objects(5, 32, g, distinct=None)]
+    weights = torch.randn(5, 24, generator=g, dtype=torch.float64)
+    got_plain = _run(plain, lambda m, *i: m(*i), inputs, weights)
+    assert not fused  # no fused call with other BatchNorms
+    _compare(_run(fast, lambda m, *i: m(*i), inputs, weights), got_plain, F64_RTOL)
+    assert fused
+
+
 def test_pointnet2_second_backward_is_refused():
     net = oe.PointNet2(out_dim=8).train()
     xyz, rgb, center = _objects(2, 16, torch.Generator().manual_seed(3))

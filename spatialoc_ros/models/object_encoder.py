@@ -167,6 +167,8 @@ class RowGroups:
 
     def __init__(self, sizes: torch.Tensor) -> None:
         """sizes: (S,) long, rows per group in row order, non-decreasing, each >= 1."""
+        #: (S,) rows per group
+        self.sizes = sizes
         size_values, size_counts = torch.unique_consecutive(sizes, return_counts=True)
         #: ((size, number of groups of that size), ...) in row order
         self.blocks = tuple(zip(size_values.tolist(), size_counts.tolist()))
@@ -329,8 +331,20 @@ class _PointMLPMax(torch.autograd.Function):
 def _mlp_max(blocks: Sequence[_LinearNormReLU], table: torch.Tensor, per_group: Optional[torch.Tensor],
              members: Optional[torch.Tensor], groups: RowGroups) -> torch.Tensor:
     """(S, out): the max over ``groups`` of the MLP ``blocks`` on ``table[members] + per_group``
-    (see :class:`_PointMLPMax`; ``table`` and ``per_group`` already went through the first Linear)."""
-    return _PointMLPMax.apply(table, per_group, members, groups, tuple(blocks), *_mlp_parameters(blocks))
+    (see :class:`_PointMLPMax`; ``table`` and ``per_group`` already went through the first Linear).
+
+    When a block's BatchNorm is not this module's own (e.g. switched to global-batch statistics for
+    a torchrun run, :mod:`spatialoc_ros.training.global_norm`), the blocks run as modules on the
+    rows instead, so that their BatchNorm's forward is the one used."""
+    if all(type(block.norm) is _PointBatchNorm for block in blocks):
+        return _PointMLPMax.apply(table, per_group, members, groups, tuple(blocks), *_mlp_parameters(blocks))
+    rows = table if members is None else table.index_select(0, members)  # (E, w1)
+    if per_group is not None:
+        rows = rows + per_group.repeat_interleave(groups.sizes, dim=0)
+    h = F.relu(blocks[0].norm(rows))
+    for block in blocks[1:]:
+        h = block(h)
+    return groups.max(h)
 
 
 class Balls:
