@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py [--size shipped|full] [--pointnet_arch mlp|pointnet2]
         [--base_path DATA] [--device cpu] [--batches 12] [--stages coarse fine]
-        [--ref_tree /tmp/ref --rounds 3] [--profile] [--compile]
+        [--ref_tree /tmp/ref --rounds 3] [--profile]
 
 Sizes. ``shipped`` builds each model from the configuration stored in a checkpoint (default: the
 shipped ones, so the figures are those of the embedded default). ``full`` is the seed README's
@@ -65,7 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=12, help="timed batches per stage (per round with --ref_tree)")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models' cell encoders")
     p.add_argument("--ref_tree", default=None, help="another checkout to time side by side")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per tree with --ref_tree")
     p.add_argument("--profile", action="store_true", help="torch.profiler tables instead of plain timing")
@@ -109,11 +108,6 @@ class Stage:
             def loss(batch, hints, cells):
                 gaussian, matching = forward(hints, cells)
                 return sum(loss_terms(gaussian, matching, batch.targets.to(device), cfg).values())
-        if args.compile:
-            if name == "coarse":
-                encode = torch.compile(model.encode_cells, dynamic=True)
-            else:
-                forward = torch.compile(model.forward_with_matching, dynamic=True)
         self.model = model.to(device).train()
         self.loss = loss
         self.hint_encoder = hint_encoder

@@ -90,13 +90,13 @@ _PACKED = "@packed"
 def save(path: str, ids: Sequence[str], index: dict, relations: Optional[dict]) -> None:
     """Write ``ids`` (the kept cells), the index arrays and the relations arrays atomically."""
     arrays = {"ids": np.asarray(list(ids), dtype=np.str_)}
-    mask = index.get("mask")
+    mask = None if index.get("mask") is None else index["mask"].detach().cpu()
     for k, v in index.items():
         if v is None:
             continue
         v = v.detach().cpu()
-        if k in PACKED_FIELDS and mask is not None and v.shape[:2] == mask.shape and not bool(v[~mask.cpu()].any()):
-            arrays[f"index.{k}{_PACKED}"] = v[mask.cpu()].numpy()
+        if k in PACKED_FIELDS and mask is not None and v.shape[:2] == mask.shape and not bool(v[~mask].any()):
+            arrays[f"index.{k}{_PACKED}"] = v[mask].numpy()
         else:
             arrays[f"index.{k}"] = v.numpy()
     if relations is not None:
