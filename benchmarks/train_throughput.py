@@ -179,6 +179,12 @@ def stage_config(name: str, args: argparse.Namespace, text_cfg):
 def setup(args: argparse.Namespace) -> dict:
     """Import the tree at ``args.code_root`` and build every requested stage."""
     sys.path.insert(0, args.code_root)
+    try:  # what the tree's trainers do before their first big tensor (older trees lack it)
+        from spatialoc_ros.training.memory import enable_huge_pages
+    except ImportError:
+        pass
+    else:
+        print(f"[memory] {enable_huge_pages()}", file=sys.stderr)
     import torch
 
     from spatialoc_ros.data.loading import load_split

@@ -40,6 +40,11 @@ DRIFT_TOLERANCE = 1e-2
 POINTNET2_DRIFT_TOLERANCE = 0.25
 #: the train loss logged in metrics.csv (6 significant digits) of the two runs
 LOSS_RTOL = 1e-4
+#: the same for the PointNet++, whose one-process form (fused MLP, BatchNorm's backward written in
+#: place) and torchrun form (plain modules, global-batch BatchNorm) round differently over an
+#: epoch: measured 9e-5 before the in-place backward and 2.4e-4 with it, whose own round-off is
+#: no larger than torch's (float64 check: input gradient 8.5e-6 for both, weight 9e-6 vs 1.2e-5)
+POINTNET2_LOSS_RTOL = 1e-3
 TINY = ["--num_points", "8", "--max_objects", "12", "--pointnet_dim", "16", "--dropout", "0",
         "--device", "cpu", "--no_progress", "--threads", "1", "--shuffle", "--no_pc_augment",
         "--fixed_embedding", "--batch_size", "8", "--epochs", "1"]
@@ -172,7 +177,7 @@ def test_two_processes_train_the_pointnet2_like_one(tiny_city, tmp_path):
     print(f"pointnet2 coarse: drift {drift:.2e} lr-steps, plain max |w2 - w1| {plain:.2e}")
     assert drift < POINTNET2_DRIFT_TOLERANCE
     loss1, loss2 = (float(_rows(f / "metrics.csv")[0]["train_loss"]) for f in folders)
-    assert loss2 == pytest.approx(loss1, rel=LOSS_RTOL)
+    assert loss2 == pytest.approx(loss1, rel=POINTNET2_LOSS_RTOL)
 
 
 def test_rank_slices_rebuild_the_single_process_batches():

@@ -265,6 +265,99 @@ def test_pointnet2_second_backward_is_refused():
         loss.backward()
 
 
+def _workspaces(net):
+    return [layer.workspace for layer in [*net.set_abstractions, net.global_abstraction]]
+
+
+def test_pointnet2_workspace_reused_across_steps_of_other_sizes():
+    """The row buffers kept from one step to the next (grown, then reused by smaller batches with
+    their old contents) change no value: every step matches the reference, weights stepped."""
+    g = torch.Generator().manual_seed(11)
+    fast, slow = _twins(lambda: oe.PointNet2(out_dim=24), torch.float64, g)
+    fast.train(), slow.train()
+    opt_fast = torch.optim.SGD(fast.parameters(), lr=0.05)
+    opt_slow = torch.optim.SGD(slow.parameters(), lr=0.05)
+    pointers = None
+    for n, points, distinct in ((6, 48, None), (3, 32, 4), (8, 64, None), (2, 16, None)):
+        inputs = [t.double() for t in _objects(n, points, g, distinct)]
+        weights = torch.randn(n, 24, generator=g, dtype=torch.float64)
+        _compare(_run(fast, lambda m, *i: m(*i), inputs, weights),
+                 _run(slow, reference_pointnet2, inputs, weights), F64_RTOL)
+        opt_fast.step(), opt_slow.step()
+        held = {id(ws): {k: b.data_ptr() for k, b in ws._buffers.items()} for ws in _workspaces(fast)}
+        assert all(ws.nbytes() > 0 and not ws._held for ws in _workspaces(fast))
+        if (n, points) == (2, 16):  # smaller than the step before: the same buffers
+            assert held == pointers
+        pointers = held
+
+
+def test_pointnet2_second_forward_before_backward_gets_fresh_rows():
+    """Two graphs alive at once (the second forward finds the buffers held): both gradients right."""
+    g = torch.Generator().manual_seed(12)
+    fast, slow = _twins(lambda: oe.PointNet2(out_dim=24), torch.float64, g)
+    fast.train(), slow.train()
+    first = [t.double() for t in _objects(5, 32, g)]
+    second = [t.double() for t in _objects(4, 40, g)]
+    w1, w2 = (torch.randn(k, 24, generator=g, dtype=torch.float64) for k in (5, 4))
+
+    def both(m, forward):
+        m.zero_grad(set_to_none=True)
+        out1, out2 = forward(m, *first), forward(m, *second)
+        ((out1 * w1).sum() + (out2 * w2).sum()).backward()
+        return torch.cat([out1, out2]).detach(), {k: p.grad.clone() for k, p in m.named_parameters()}, \
+            {k: b.clone() for k, b in m.named_buffers()}
+
+    _compare(both(fast, lambda m, *i: m(*i)), both(slow, reference_pointnet2), F64_RTOL)
+    assert not any(ws._held for ws in _workspaces(fast))
+
+
+def test_pointnet2_workspace_released_without_backward():
+    """No backward coming (no_grad, eval without gradients) or a graph dropped unused: the buffers
+    are free again for the next call."""
+    net = oe.PointNet2(out_dim=8).train()
+    xyz, rgb, center = _objects(3, 16, torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        net(xyz, rgb, center)
+    assert not any(ws._held for ws in _workspaces(net))
+    out = net(xyz, rgb, center)
+    assert all(ws._held for ws in _workspaces(net))
+    del out  # the graph goes, its leases with it
+    assert not any(ws._held for ws in _workspaces(net))
+
+
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_batch_norm_backward_in_place_rounds_no_worse_than_torchs(batch_stats):
+    """float32 against float64 truth, rows with an offset mean (the cancellation-prone case)."""
+    g = torch.Generator().manual_seed(15)
+    E, C = 4000, 16
+    x = 2.0 * torch.randn(E, C, generator=g) + 3.0
+    grad = torch.randn(E, C, generator=g)
+    norm = oe._PointBatchNorm(C)
+    _randomise_norms(norm, g)
+    with torch.no_grad():
+        _, mean, invstd = torch.native_batch_norm(x, norm.weight, norm.bias, None, None, True, 0.0, norm.eps)
+        _, mean64, invstd64 = torch.native_batch_norm(x.double(), norm.weight.double(), None, None, None,
+                                                      True, 0.0, norm.eps)
+        truth = torch.ops.aten.native_batch_norm_backward(
+            grad.double(), x.double(), norm.weight.double(), norm.running_mean.double(),
+            norm.running_var.double(), mean64, invstd64, batch_stats, norm.eps, [True, True, True])
+        torchs = torch.ops.aten.native_batch_norm_backward(
+            grad, x, norm.weight, norm.running_mean, norm.running_var, mean, invstd, batch_stats, norm.eps,
+            [True, True, True])
+        mine = oe._batch_norm_backward_in_place(grad, x.clone(), torch.empty_like(x), norm, mean, invstd,
+                                               batch_stats)
+    for got, ref, want in zip(mine, torchs, truth):
+        assert _rel(got.double(), want) <= 2 * _rel(ref.double(), want) + 1e-7
+
+
+def test_pointnet2_copy_gets_its_own_empty_workspace():
+    net = oe.PointNet2(out_dim=8).train()
+    net(*_objects(2, 16, torch.Generator().manual_seed(14))).sum().backward()
+    twin = copy.deepcopy(net)
+    for mine, theirs in zip(_workspaces(net), _workspaces(twin)):
+        assert mine.nbytes() > 0 and theirs.nbytes() == 0 and mine is not theirs
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_beose_matches_the_bezier_points_form(train):
     g = torch.Generator().manual_seed(4)

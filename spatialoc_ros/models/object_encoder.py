@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -208,6 +209,91 @@ class RowGroups:
         return torch.cat([view.sum(dim=1) for view in self.views(rows)])
 
 
+#: Capacity a reused row buffer of :class:`RowWorkspace` gets over the rows asked for when it has
+#: to grow (the batches of a training run differ in size).
+WORKSPACE_HEADROOM = 1.25
+
+
+class RowWorkspace:
+    """Row buffers of one layer's :class:`_PointMLPMax`, kept from one call to the next.
+
+    On a CPU every fresh big tensor is paid in page faults at its first write: a BatchNorm over
+    310,579 x 256 rows takes 301 ms into a fresh tensor and 85 ms into one already written, a
+    gather 195 ms against 50 ms. So the per-member rows of a set abstraction (0.3-2 M rows a
+    batch) are written into buffers that live as long as the layer.
+
+    A call holds the buffers (a lease) from its forward to the end of its backward, or until its
+    graph is freed, or to the end of its forward when no backward can come. A call that finds them
+    held (a second forward before the first one's backward, another thread) gets fresh tensors:
+    same values, old speed. CUDA tensors always get fresh ones (CUDA's caching allocator already
+    reuses memory)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict = {}
+        self._held = False
+        self._lock = threading.Lock()
+
+    def lease(self, device: torch.device) -> Optional["_Lease"]:
+        """The buffers for one call, or None (not a CPU, or held by another call)."""
+        if device.type != "cpu":
+            return None
+        with self._lock:
+            if self._held:
+                return None
+            self._held = True
+        return _Lease(self)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._held = False
+
+    def _rows(self, name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        key = (name, like.dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < rows * cols:
+            self._buffers[key] = None  # the old one goes before the new one is written
+            buf = self._buffers[key] = like.new_empty(int(rows * cols * WORKSPACE_HEADROOM))
+        return buf[:rows * cols].view(rows, cols)
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
+
+    def __deepcopy__(self, memo) -> "RowWorkspace":
+        return RowWorkspace()  # a copied layer gets its own, empty buffers
+
+    def __reduce__(self):
+        return (RowWorkspace, ())
+
+
+class _Lease:
+    """One call's hold on a :class:`RowWorkspace` (see there); released once, at the latest
+    when the lease is garbage-collected with the call's autograd graph."""
+
+    def __init__(self, workspace: RowWorkspace) -> None:
+        self._workspace: Optional[RowWorkspace] = workspace
+
+    def rows(self, name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        """A (rows, cols) tensor of ``like``'s dtype in the buffer ``name`` (its old values)."""
+        assert self._workspace is not None, "a released lease hands out no buffers"
+        return self._workspace._rows(name, rows, cols, like)
+
+    def release(self) -> None:
+        if self._workspace is not None:
+            self._workspace._release()
+            self._workspace = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _new_rows(lease: Optional[_Lease], name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) uninitialised: from the lease's buffers, or fresh without one."""
+    if lease is None:
+        return like.new_empty(rows, cols)
+    return lease.rows(name, rows, cols, like)
+
+
 def _mlp_parameters(blocks: Sequence[_LinearNormReLU]) -> list[nn.Parameter]:
     """The parameters :class:`_PointMLPMax` takes: every BatchNorm's weight and bias, and the
     weight and bias of every Linear but the first."""
@@ -234,13 +320,21 @@ class _PointMLPMax(torch.autograd.Function):
 
     Forward and backward are written out so that the backward reuses the forward's row buffers
     (fresh memory is paid in page faults on a CPU); hence one backward per forward: a second one
-    (``retain_graph``) raises.
+    (``retain_graph``) raises. With a ``workspace`` (:class:`RowWorkspace`) the per-member rows
+    are written into buffers kept from call to call, BatchNorm's backward included
+    (:func:`_batch_norm_backward_in_place`); gradients handed back are never such buffers.
+    ``backward_coming`` False (no gradient wanted) releases the buffers at the end of the forward.
     """
 
     @staticmethod
-    def forward(ctx, table, per_group, members, groups: RowGroups, blocks, *params):
+    def forward(ctx, table, per_group, members, groups: RowGroups, blocks, workspace, backward_coming, *params):
         norms = [block.norm for block in blocks]
-        rows = table if members is None else table.index_select(0, members)  # (E, w1)
+        lease = None if workspace is None else workspace.lease(table.device)
+        if members is None:
+            rows = table  # (E, w1)
+        else:
+            rows = torch.index_select(table, 0, members,
+                                      out=_new_rows(lease, "rows", members.numel(), table.shape[1], table))
         if per_group is not None:
             groups.add_per_group(rows, per_group)
         E = rows.shape[0]
@@ -249,16 +343,19 @@ class _PointMLPMax(torch.autograd.Function):
         saved, pre = [], rows
         for i, norm in enumerate(norms[:-1]):
             factor = norm.batch_factor(E)
-            a, save_mean, save_invstd = torch.native_batch_norm(
+            a, save_mean, save_invstd = torch.ops.aten.native_batch_norm.out(
                 pre, norm.weight, norm.bias, norm.running_mean, norm.running_var,
-                factor is not None, 0.0 if factor is None else factor, norm.eps)
+                factor is not None, 0.0 if factor is None else factor, norm.eps,
+                out=_new_rows(lease, f"a{i}", E, pre.shape[1], pre),
+                save_mean=pre.new_empty(pre.shape[1]), save_invstd=pre.new_empty(pre.shape[1]))
             a = a.relu_()
             saved.append((pre, a, save_mean, save_invstd, factor is not None))
             linear = blocks[i + 1].linear
+            out_rows = _new_rows(lease, f"pre{i + 1}", E, linear.out_features, a)
             if i + 1 < len(blocks) - 1:
-                pre = torch.addmm(linear.bias, a, linear.weight.t())
+                pre = torch.addmm(linear.bias, a, linear.weight.t(), out=out_rows)
             else:
-                pre = torch.addmm(linear.bias * sign, a, (linear.weight * sign.unsqueeze(1)).t())
+                pre = torch.addmm(linear.bias * sign, a, (linear.weight * sign.unsqueeze(1)).t(), out=out_rows)
         x = pre if len(blocks) > 1 else pre * sign  # (E, C), sign times the last Linear's output
         factor = last.batch_factor(E)
         if factor is None:
@@ -271,10 +368,18 @@ class _PointMLPMax(torch.autograd.Function):
         scale = last.weight * sign * invstd  # (C,) >= 0
         picked = groups.max(x)  # (S, C)
         out = torch.relu((picked - mean) * scale + last.bias)
+        if not backward_coming:
+            if lease is not None:
+                lease.release()
+            return out
         ctx.blocks, ctx.groups, ctx.members, ctx.table_shape = blocks, groups, members, table.shape
         ctx.has_per_group, ctx.batch_stats = per_group is not None, factor is not None
-        ctx.rows, ctx.saved, ctx.x = rows, saved, x
-        ctx.picked, ctx.out, ctx.mean, ctx.invstd, ctx.scale, ctx.sign = picked, out, mean, invstd, scale, sign
+        ctx.rows, ctx.saved, ctx.x, ctx.lease = rows, saved, x, lease
+        ctx.table = table if members is None else None  # the caller's tensor: never written over
+        # the ReLU's mask, not ``out`` itself: an output kept on ctx would be a reference cycle
+        # (output -> its grad_fn -> ctx -> output) that outlives a graph dropped without backward
+        ctx.positive = out > 0
+        ctx.picked, ctx.mean, ctx.invstd, ctx.scale, ctx.sign = picked, mean, invstd, scale, sign
         return out
 
     @staticmethod
@@ -287,7 +392,7 @@ class _PointMLPMax(torch.autograd.Function):
         at = ctx.groups.argmax(x, ctx.picked)  # before x is overwritten
         grads = []  # per block, in reverse: (linear weight, linear bias)?, (norm weight, norm bias)
         # last BatchNorm + ReLU after the max
-        grad = grad * (ctx.out > 0)
+        grad = grad * ctx.positive
         centred = ctx.picked - ctx.mean
         grad_picked = grad * ctx.scale  # (S, C)
         last_norm = [(grad * centred).sum(0) * invstd * sign, grad.sum(0)]
@@ -311,33 +416,69 @@ class _PointMLPMax(torch.autograd.Function):
             if i + 1 == len(blocks) - 1:
                 grad_weight, grad_bias = grad_weight * sign.unsqueeze(1), grad_bias * sign
             grads[-1] = [grad_weight, grad_bias] + grads[-1]
-            d = torch.mm(d, weight)  # gradient of a
+            d = torch.mm(d, weight, out=_new_rows(ctx.lease, f"grad{i}", E, weight.shape[1], d))  # gradient of a
             torch.ops.aten.threshold_backward.grad_input(d, a, 0.0, grad_input=d)  # ReLU's, in place
-            grad_norm_weight, grad_norm_bias = torch.empty_like(norm.weight), torch.empty_like(norm.bias)
-            d, _, _ = torch.ops.aten.native_batch_norm_backward.out(  # gradient of pre, written over a
-                d, pre, norm.weight, norm.running_mean, norm.running_var, save_mean, save_invstd,
-                train, norm.eps, [True, True, True], out0=a, out1=grad_norm_weight, out2=grad_norm_bias)
+            if ctx.lease is not None and pre is not ctx.table:  # pre is a workspace buffer: written over
+                d, grad_norm_weight, grad_norm_bias = _batch_norm_backward_in_place(
+                    d, pre, a, norm, save_mean, save_invstd, train)
+            else:  # a fresh tensor (the out= form of this op computes into a temporary and copies)
+                d, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_batch_norm_backward(
+                    d, pre, norm.weight, norm.running_mean, norm.running_var, save_mean, save_invstd,
+                    train, norm.eps, [True, True, True])
             grads.append([grad_norm_weight, grad_norm_bias])
-        ctx.saved = ctx.rows = None
+        ctx.saved = ctx.rows = ctx.table = None
         grad_per_group = ctx.groups.sum_per_group(d) if ctx.has_per_group else None
         if ctx.members is None:
             grad_table = d
         else:
             grad_table = d.new_zeros(ctx.table_shape).index_add_(0, ctx.members, d)
+        if ctx.lease is not None:
+            ctx.lease.release()
         param_grads = [g for block_grads in reversed(grads) for g in block_grads]
-        return (grad_table, grad_per_group, None, None, None, *param_grads)
+        return (grad_table, grad_per_group, None, None, None, None, None, *param_grads)
+
+
+def _batch_norm_backward_in_place(grad, x, out, norm: nn.BatchNorm1d, save_mean, save_invstd, batch_stats: bool):
+    """BatchNorm's backward on rows (E, C), with no fresh (E, C) tensor: ``x`` (the input) is
+    written over with ``x - mean`` and ``out`` receives the input's gradient; -> (gradient of x
+    (``out``), of the weight, of the bias). ``batch_stats``: the forward normalised with the
+    batch's statistics (``save_mean``, ``save_invstd``), else with the running ones.
+
+    With ``c = x - mean``, ``r`` the inverse standard deviation, ``g`` the incoming gradient:
+    ``dweight = r sum(g c)``, ``dbias = sum(g)``, and ``dx = w r g`` with the running statistics;
+    with the batch's, ``dx = w r (g - dbias / E - r c dweight / E)``."""
+    E = x.shape[0]
+    if batch_stats:
+        mean, invstd = save_mean, save_invstd
+    else:
+        mean, invstd = norm.running_mean, torch.rsqrt(norm.running_var + norm.eps)
+    grad_bias = grad.sum(0)
+    centred = x.sub_(mean)
+    grad_weight = torch.mul(centred, grad, out=out).sum(0).mul_(invstd)
+    alpha = norm.weight * invstd
+    if not batch_stats:
+        return torch.mul(grad, alpha, out=out), grad_weight, grad_bias
+    torch.addcmul(-alpha * grad_bias / E, grad, alpha, out=out)
+    return out.addcmul_(centred, -alpha * invstd * grad_weight / E), grad_weight, grad_bias
 
 
 def _mlp_max(blocks: Sequence[_LinearNormReLU], table: torch.Tensor, per_group: Optional[torch.Tensor],
-             members: Optional[torch.Tensor], groups: RowGroups) -> torch.Tensor:
+             members: Optional[torch.Tensor], groups: RowGroups,
+             workspace: Optional[RowWorkspace] = None) -> torch.Tensor:
     """(S, out): the max over ``groups`` of the MLP ``blocks`` on ``table[members] + per_group``
-    (see :class:`_PointMLPMax`; ``table`` and ``per_group`` already went through the first Linear).
+    (see :class:`_PointMLPMax`; ``table`` and ``per_group`` already went through the first Linear),
+    its per-member rows in ``workspace``'s buffers when given (see :class:`RowWorkspace`).
 
     When a block's BatchNorm is not this module's own (e.g. switched to global-batch statistics for
     a torchrun run, :mod:`spatialoc_ros.training.global_norm`), the blocks run as modules on the
     rows instead, so that their BatchNorm's forward is the one used."""
     if all(type(block.norm) is _PointBatchNorm for block in blocks):
-        return _PointMLPMax.apply(table, per_group, members, groups, tuple(blocks), *_mlp_parameters(blocks))
+        params = _mlp_parameters(blocks)
+        backward_coming = torch.is_grad_enabled() and (
+            table.requires_grad or (per_group is not None and per_group.requires_grad)
+            or any(p.requires_grad for p in params))
+        return _PointMLPMax.apply(table, per_group, members, groups, tuple(blocks), workspace, backward_coming,
+                                  *params)
     rows = table if members is None else table.index_select(0, members)  # (E, w1)
     if per_group is not None:
         rows = rows + per_group.repeat_interleave(groups.sizes, dim=0)
@@ -392,6 +533,7 @@ class SetAbstraction(nn.Module):
         self.max_neighbors = max_neighbors
         self.mlp = _norm_mlp([in_dim + 3, *widths])
         self.out_dim = widths[-1]
+        self.workspace = RowWorkspace()
 
     def balls(self, pos: torch.Tensor, centres: torch.Tensor, centre_index: torch.Tensor) -> Balls:
         """pos (N, P, 3), centres (N, M, 3) = pos at centre_index (N, M) -> the balls' members:
@@ -418,7 +560,8 @@ class SetAbstraction(nn.Module):
         first = self.mlp[0]
         table = first.linear(points)  # (N * P, w1): W [x_j, pos_j] + b
         per_ball = F.linear(-centres.view(N * M, 3), first.linear.weight[:, C:])  # (N * M, w1): -W_pos c
-        pooled = _mlp_max(self.mlp, table, per_ball.index_select(0, balls.order), balls.members, balls.groups)
+        pooled = _mlp_max(self.mlp, table, per_ball.index_select(0, balls.order), balls.members, balls.groups,
+                          self.workspace)
         return balls.restore(pooled).view(N, M, self.out_dim), centres
 
 
@@ -429,11 +572,13 @@ class GlobalAbstraction(nn.Module):
         super().__init__()
         self.mlp = _norm_mlp([in_dim + 3, *widths])
         self.out_dim = widths[-1]
+        self.workspace = RowWorkspace()
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         N, M, _ = x.shape
         rows = self.mlp[0].linear(torch.cat([x, pos], dim=-1).reshape(N * M, -1))  # (N * M, w1)
-        return _mlp_max(self.mlp, rows, None, None, RowGroups(torch.full((N,), M, device=x.device)))  # (N, out)
+        groups = RowGroups(torch.full((N,), M, device=x.device))
+        return _mlp_max(self.mlp, rows, None, None, groups, self.workspace)  # (N, out)
 
 
 class PointNet2(nn.Module):

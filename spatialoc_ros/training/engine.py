@@ -19,6 +19,7 @@ import torch
 from spatialoc_ros.inference import resolve_device
 from spatialoc_ros.training import distributed
 from spatialoc_ros.training.distributed import Topology, process_device, process_note
+from spatialoc_ros.training.memory import enable_huge_pages
 
 if TYPE_CHECKING:
     from spatialoc_ros.training.distributed import Distributed
@@ -107,7 +108,9 @@ def check_finite(terms: dict[str, torch.Tensor], epoch: int, batch: int, lr: flo
 
 def setup_runtime(args: argparse.Namespace, topology: Topology = Topology()) -> torch.device:
     """Threads, seeds and device from the parsed flags (in a distributed run on CUDA, this
-    process's cuda:LOCAL_RANK); prints a note when the device changed."""
+    process's cuda:LOCAL_RANK); prints a note when the device changed. Huge pages for large CPU
+    tensors first (:mod:`spatialoc_ros.training.memory`: before any big tensor exists)."""
+    print(f"[memory] {enable_huge_pages()}")
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     random.seed(args.seed)
