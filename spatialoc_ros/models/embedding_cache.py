@@ -179,18 +179,25 @@ def read_npz(path: str) -> dict:
     return out
 
 
+def _check(key: str, arr: np.ndarray, kind: str, rows: int, tail: Optional[tuple]) -> None:
+    """Raise ValueError unless ``arr`` has dtype kind ``kind``, ``rows`` rows, the trailing shape
+    ``tail`` (None: any) and, for floats, only finite values."""
+    if arr.dtype.kind != kind or arr.ndim < 1 or arr.shape[0] != rows or (tail is not None and arr.shape[1:] != tail):
+        raise ValueError(f"{key} has dtype {arr.dtype} and shape {arr.shape}")
+    if kind == "f" and not np.all(np.isfinite(arr)):
+        raise ValueError(f"{key} has non-finite values")
+
+
 def _unpack(rows: np.ndarray, mask: Optional[torch.Tensor], kind: str, tail: Optional[tuple], key: str) -> torch.Tensor:
-    """(real slots, D) rows of a packed field -> (N, O, D) with zeros at the padded slots of ``mask``."""
+    """(real slots, D) rows of a packed field, checked -> (N, O, D) with zeros at the padded slots
+    of ``mask``."""
     if mask is None:
         raise ValueError(f"{key} is packed but the index has no mask")
-    shape = tuple(mask.shape) + tuple(rows.shape[1:])
-    if (rows.dtype.kind != kind or rows.ndim < 1 or rows.shape[0] != int(mask.sum())
-            or (tail is not None and shape[1:] != tail)):
-        raise ValueError(f"{key}{_PACKED} has dtype {rows.dtype} and shape {rows.shape} for a mask of "
-                         f"{int(mask.sum())} real slots")
-    if kind == "f" and not np.all(np.isfinite(rows)):
-        raise ValueError(f"{key} has non-finite values")
-    full = torch.zeros(shape, dtype=torch.from_numpy(rows[:0]).dtype)
+    real = int(mask.sum())
+    _check(f"{key}{_PACKED} (for a mask of {real} real slots)", rows, kind, real, None if tail is None else tail[1:])
+    if tail is not None and tuple(mask.shape[1:]) != tail[:1]:
+        raise ValueError(f"{key}{_PACKED} is for {tail[0]} slots per cell, the mask has {tuple(mask.shape[1:])}")
+    full = torch.zeros(tuple(mask.shape) + tuple(rows.shape[1:]), dtype=torch.from_numpy(rows[:0]).dtype)
     full[mask] = torch.from_numpy(rows)
     return full
 
@@ -225,10 +232,7 @@ def load(path: str, cell_ids: Sequence[str], index_fields: dict, relation_fields
                 if key not in files:
                     raise ValueError(f"{key} missing")
                 arr = files[key]
-                if arr.dtype.kind != kind or arr.shape[0] != len(ids) or (tail is not None and arr.shape[1:] != tail):
-                    raise ValueError(f"{key} has dtype {arr.dtype} and shape {arr.shape}")
-                if kind == "f" and not np.all(np.isfinite(arr)):
-                    raise ValueError(f"{key} has non-finite values")
+                _check(key, arr, kind, len(ids), tail)
                 part[name] = torch.from_numpy(np.ascontiguousarray(arr))
             out[group] = part
         return ids, out["index"], (out["relations"] if relation_fields else None)

@@ -259,11 +259,8 @@ class RowWorkspace:
         """Bytes held by the buffers."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)
 
-    def __deepcopy__(self, memo) -> "RowWorkspace":
-        return RowWorkspace()  # a copied layer gets its own, empty buffers
-
     def __reduce__(self):
-        return (RowWorkspace, ())
+        return (RowWorkspace, ())  # a copied or pickled layer gets its own, empty buffers
 
 
 class _Lease:
@@ -375,7 +372,6 @@ class _PointMLPMax(torch.autograd.Function):
         ctx.blocks, ctx.groups, ctx.members, ctx.table_shape = blocks, groups, members, table.shape
         ctx.has_per_group, ctx.batch_stats = per_group is not None, factor is not None
         ctx.rows, ctx.saved, ctx.x, ctx.lease = rows, saved, x, lease
-        ctx.table = table if members is None else None  # the caller's tensor: never written over
         # the ReLU's mask, not ``out`` itself: an output kept on ctx would be a reference cycle
         # (output -> its grad_fn -> ctx -> output) that outlives a graph dropped without backward
         ctx.positive = out > 0
@@ -418,7 +414,7 @@ class _PointMLPMax(torch.autograd.Function):
             grads[-1] = [grad_weight, grad_bias] + grads[-1]
             d = torch.mm(d, weight, out=_new_rows(ctx.lease, f"grad{i}", E, weight.shape[1], d))  # gradient of a
             torch.ops.aten.threshold_backward.grad_input(d, a, 0.0, grad_input=d)  # ReLU's, in place
-            if ctx.lease is not None and pre is not ctx.table:  # pre is a workspace buffer: written over
+            if ctx.lease is not None and (i > 0 or ctx.members is not None):  # pre is a workspace buffer
                 d, grad_norm_weight, grad_norm_bias = _batch_norm_backward_in_place(
                     d, pre, a, norm, save_mean, save_invstd, train)
             else:  # a fresh tensor (the out= form of this op computes into a temporary and copies)
@@ -426,7 +422,7 @@ class _PointMLPMax(torch.autograd.Function):
                     d, pre, norm.weight, norm.running_mean, norm.running_var, save_mean, save_invstd,
                     train, norm.eps, [True, True, True])
             grads.append([grad_norm_weight, grad_norm_bias])
-        ctx.saved = ctx.rows = ctx.table = None
+        ctx.saved = ctx.rows = None
         grad_per_group = ctx.groups.sum_per_group(d) if ctx.has_per_group else None
         if ctx.members is None:
             grad_table = d
