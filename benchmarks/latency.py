@@ -10,7 +10,8 @@ For each size it prints
 * map preparation: the coarse model's embedding (cells/s), the geometric level's precomputation,
   the whole ``set_map`` with its cache written, and a restart (a fresh Localizer's ``set_map`` on the
   same map with the cache ready);
-* memory per cell (embedding + geometry + index);
+* memory per cell (embedding + geometry + index; up to ``PRESELECT_ABOVE`` cells also what the
+  exact path reads per query: the packed embedding, the hint lookup, the fine model's object tokens);
 * per query (``localize``, top-10, sentence cache off, so each query pays its language model):
   retrieval and total p50 / p99 in ms with the exact index (as the Localizer runs by default: every
   cell ranked on every level up to ``PRESELECT_ABOVE`` cells, the exact global short list above)
@@ -158,14 +159,18 @@ def full_map(loc_args: dict, base_cells, n: int, texts, queries_global, cache_di
     build_s = time.perf_counter() - t0
     mt = dict(loc.map_timings)
     row = {"cells": n, "embed_cells_per_s": n / max(mt["embed_s"], 1e-9), "embed_s": mt["embed_s"],
-           "geometry_s": mt["geometry_s"], "set_map_s": build_s, "cache_write_s": mt["cache_s"]}
+           "geometry_s": mt["geometry_s"], "fine_tokens_s": mt.get("fine_s", 0.0), "set_map_s": build_s,
+           "cache_write_s": mt["cache_s"]}
     restarted = Localizer.from_checkpoints(**loc_args)
     t0 = time.perf_counter()
     restarted.set_map(cells, progress=False, cache_dir=cache_dir)
     row["restart_s"] = time.perf_counter() - t0
     row["restart_from_cache"] = bool(restarted.map_timings.get("cached"))
     del restarted
-    per_cell = tensor_bytes(loc._index) + (tensor_bytes(loc._relations) if loc._relations is not None else 0)
+    # what the Localizer holds for the map: the embedding and geometry, and up to PRESELECT_ABOVE
+    # cells the exact path's packed embedding, the hint lookup and the fine model's object tokens
+    held = (loc._index, loc._relations, loc._packed_index, loc._hint_lookup, loc._fine_tokens)
+    per_cell = sum(tensor_bytes(part) for part in held if part is not None)
     exact_top = vi.ExactIndex(loc._index.global_).search(queries_global, 10)[1].cpu().numpy()
     for kind in ("exact", "faiss"):
         t0 = time.perf_counter()

@@ -218,6 +218,7 @@ def main(argv=None) -> int:
         loc = Localizer.from_checkpoints(args.coarse_checkpoint or None, args.fine_checkpoint or None,
                                          text_model=args.text_model or None, device=args.device)
         loc.set_map(cells, progress=False)
+        loc.warm_text_cache()  # as the node does at configure (warm_sentence_cache, default true)
         result["device"] = str(loc.device)
         result["map_cells"] = len(cells)
         for t in texts[: args.warmup]:

@@ -365,6 +365,8 @@ class Localizer:
         for key, values in given.items():
             self.by_hints[key] = None if values is None else tuple(float(v) for v in values)
         self._relations = None  # CellRelations of the map (geometric level), when relation_weight > 0
+        self._hint_lookup = None  # their HintLookup (one query against every cell)
+        self._packed_index = None  # PackedCellEmbedding of the map when the exact path ranks every cell
         from spatialoc_ros.models.geometry import REFINE_SHARPNESS
 
         #: Sharpness of the geometric in-cell refinement of the fine stage's Gaussians (0 = off;
@@ -395,6 +397,7 @@ class Localizer:
         self._cells: Optional[list[Cell]] = None
         self._index = None  # CellEmbedding of all cells (coarse model), on self.device
         self._fine_cache: dict[int, object] = {}
+        self._fine_tokens = None  # MapObjectTokens of the map (fine model), see _embed_fine
         self.map_timings: dict[str, float] = {}
 
     # --- construction ----------------------------------------------------------------------------
@@ -458,6 +461,21 @@ class Localizer:
             encoders[stage] = hint_encoder
         return encoders
 
+    def warm_text_cache(self, progress: bool = False) -> int:
+        """Put every hint sentence an instruction can be read into (840, see
+        :func:`spatialoc_ros.language.all_hint_sentences`) in the sentence cache, so that no query
+        waits for the language model (MiniLM: ~4 s once on a 2-core CPU; ~45 ms per query with
+        six new sentences otherwise). Returns the number of sentences encoded; 0 without a
+        sentence cache (``fixed_embedding=False``)."""
+        from spatialoc_ros.language import all_hint_sentences
+
+        sentences = all_hint_sentences()
+        done = 0
+        for encoder in {id(e): e for e in self._hint_encoders.values()}.values():
+            if hasattr(encoder, "warm"):
+                done += encoder.warm(sentences, progress=progress)
+        return done
+
     # --- map ---------------------------------------------------------------------------------------
     @property
     def num_cells(self) -> int:
@@ -506,7 +524,7 @@ class Localizer:
             path = embedding_cache.cache_path(cache_dir, key)
             cached = self._load_cached_map(path, cells, with_relations)
         timings = {"digest_s": time.perf_counter() - t_start, "embed_s": 0.0, "geometry_s": 0.0,
-                   "cache_s": 0.0, "index_s": 0.0}
+                   "cache_s": 0.0, "index_s": 0.0, "fine_s": 0.0}
         if cached is not None:
             cells, index, relations = cached
             timings["cache_s"] = time.perf_counter() - t_start - timings["digest_s"]
@@ -527,19 +545,53 @@ class Localizer:
                 timings["cache_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         vector_index = None if index is None else self._build_vector_index(index.global_, path)
+        # What one query against every cell reads (the exact path, up to preselect_above cells):
+        # the real object slots alone and the map's hint flags by class and colour.
+        packed = index.packed() if index is not None and len(cells) <= self.preselect_above else None
+        hint_lookup = None
+        if relations is not None:
+            from spatialoc_ros.models.geometry import HintLookup
+
+            hint_lookup = HintLookup.build(relations)
         timings["index_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fine_tokens = self._embed_fine(cells, progress) if len(cells) <= self.preselect_above else None
+        timings["fine_s"] = time.perf_counter() - t0
         #: Where the last set_map spent its time (seconds): the map digest (cache key), embedding,
-        #: geometry, cache read or write, index build; 'cached' says whether the cache was used.
+        #: geometry, cache read or write, index build, the fine model's object tokens; 'cached'
+        #: says whether the cache was used.
         self.map_timings = {**timings, "cached": cached is not None}
         self._relations = relations
+        self._hint_lookup = hint_lookup
+        self._packed_index = packed
         self._vector_index = vector_index
         self._cells = cells
         self._id_to_index = {c.id: i for i, c in enumerate(cells)}
         self._bbox = np.stack([np.asarray(c.bbox_w, dtype=np.float64) for c in cells])
         self._size = np.array([float(c.cell_size) for c in cells])
         self._fine_cache = {}
+        self._fine_tokens = fine_tokens
         self._index = index
         return len(cells)
+
+    def _embed_fine(self, cells: list, progress: bool):
+        """The fine model's object tokens of every cell (:class:`MapObjectTokens`), or None
+        without a fine model. Maps up to ``preselect_above`` cells get them at set_map; larger
+        ones encode the cells of each query's hypotheses when it comes (cached per cell)."""
+        from spatialoc_ros.models.cell_tensors import cells_to_batch
+        from spatialoc_ros.models.ugfl import MapObjectTokens
+
+        if self.fine is None:
+            return None
+        cfg = self.fine_cfg
+        parts = []
+        bs = max(self.batch_size, 1) * 4
+        for start in tqdm(range(0, len(cells), bs), desc="fine object tokens", disable=not progress,
+                          unit="batch", leave=False):
+            batch = cells_to_batch(cells[start:start + bs], max_objects=cfg.max_objects, num_points=cfg.num_points,
+                                   rng=None).trimmed().to(self.device)
+            parts.append((self.fine.encode_objects(batch), batch))
+        return MapObjectTokens.from_batches(parts)
 
     def _embed_cells(self, cells: list, progress: bool):
         """(kept cells, CellEmbedding or None): the coarse model's embedding of ``cells``, cells
@@ -670,9 +722,12 @@ class Localizer:
         """Forget the map and its embedding (a deactivated node holds none)."""
         self._cells = None
         self._index = None
+        self._packed_index = None
         self._relations = None
+        self._hint_lookup = None
         self._vector_index = None
         self._fine_cache = {}
+        self._fine_tokens = None
 
     # --- text ----------------------------------------------------------------------------------
     def _hint_batch(self, stage: str, hints: list[list[str]]):
@@ -686,7 +741,7 @@ class Localizer:
             return scores
         from spatialoc_ros.models.geometry import binding_scores
 
-        rel = self._relations if cells is None else self._relations.index(cells)
+        rel = self._hint_lookup if cells is None else self._relations.index(cells)
         geo = torch.stack([binding_scores(h, rel) for h in hints]).to(scores.dtype)
         return scores + self.relation_weight * geo
 
@@ -720,7 +775,8 @@ class Localizer:
         shortlist = self._vector_index.kind == "faiss" or n > self.preselect_above
         if shortlist and self.preselect_top < n:
             return self._retrieve_preselect(text_emb, k, hints)
-        sims = self.coarse.similarity(text_emb, self._index)  # {level: (B, N)}
+        cells = self._index if self._packed_index is None else self._packed_index
+        sims = self.coarse.similarity(text_emb, cells)  # {level: (B, N)}
         scores = self._rankable(self._with_relations(self.coarse.combined_scores(sims), hints))  # (B, N)
         return self._top(scores, k, hints)
 
@@ -772,13 +828,20 @@ class Localizer:
             mean = np.full((B, K, 2), 0.5)
             cov = np.broadcast_to(np.eye(2) / 12.0, (B, K, 2, 2)).copy()
             return FinePrediction(mean, cov)
-        rep = torch.arange(B, device=hint_batch.tokens.device).repeat_interleave(K)
-        hints = _take(hint_batch, rep)
-        cells = self._fine_cells([int(i) for i in cell_indices.reshape(-1)]).to(self.device)
+        flat = torch.as_tensor(cell_indices.reshape(-1), dtype=torch.long)
+        if self._fine_tokens is not None:
+            objects, object_mask, xyz = self._fine_tokens.gather(flat.to(self.device))
+        else:
+            cells = self._fine_cells(flat.tolist()).to(self.device).trimmed()
+            objects, object_mask, xyz = self.fine.encode_objects(cells), cells.mask, cells.xyz
+        h = self.fine.encode_hints(hint_batch)  # (B, H, D), once per query for its K cells
+        rep = torch.arange(B, device=h.device).repeat_interleave(K)
         means, covs = [], []
         step = max(self.batch_size, 1) * 4
         for s in range(0, B * K, step):
-            g = self.fine(_take(hints, slice(s, s + step)), cells.index(slice(s, s + step)))
+            r = rep[s:s + step]
+            g, _ = self.fine.predict(h[r], hint_batch.hint_mask[r], objects[s:s + step], object_mask[s:s + step],
+                                     xyz[s:s + step])
             means.append(g.mean.float().cpu())
             covs.append(g.covariance.float().cpu())
         mean = torch.cat(means).numpy().astype(np.float64).reshape(B, K, 2)
@@ -957,16 +1020,17 @@ class Localizer:
             raise ValueError("this Localizer has no coarse model")
         from spatialoc_ros.models.geometry import binding_scores, cell_relations
 
-        rel = self._relations
+        rel = self._hint_lookup
         if rel is None:
             rel = cell_relations(self._cells, max_objects=self.coarse_cfg.max_objects).to(self.device)
+        cells = self._index if self._packed_index is None else self._packed_index
         parsed, sentences = self._read(queries)
         learned, geo = [], []
         bs = max(self.batch_size, 1)
         for start in tqdm(range(0, len(parsed), bs), desc="scoring", disable=not progress, unit="batch"):
             chunk = parsed[start:start + bs]
             text_emb = self.coarse.encode_text(self._hint_batch("coarse", sentences[start:start + bs]))
-            learned.append(self.coarse.combined_scores(self.coarse.similarity(text_emb, self._index)).double().cpu())
+            learned.append(self.coarse.combined_scores(self.coarse.similarity(text_emb, cells)).double().cpu())
             geo.append(torch.stack([binding_scores(h, rel) for h in chunk]).double().cpu())
         return torch.cat(learned).numpy(), torch.cat(geo).numpy()
 

@@ -2,6 +2,7 @@
 from spatialoc_ros.language.parser import (
     Hint,
     ParsedInstruction,
+    all_hint_sentences,
     check_hints,
     parse_instruction,
     render_hint,
@@ -12,6 +13,7 @@ from spatialoc_ros.language.parser import (
 __all__ = [
     "Hint",
     "ParsedInstruction",
+    "all_hint_sentences",
     "check_hints",
     "parse_instruction",
     "render_hint",

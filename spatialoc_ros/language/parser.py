@@ -564,6 +564,13 @@ def render_hints(hints: Iterable[Hint]) -> list[str]:
     return [render_hint(h) for h in hints]
 
 
+def all_hint_sentences() -> list[str]:
+    """Every sentence :func:`render_hint` can write: 5 directions x (7 colours or none) x 21 classes
+    = 840. Every instruction is read into these, so a language model sees nothing else."""
+    return [render_hint(Hint(d, c, label)) for d in DIRECTIONS for c in (None, *UNIQUE_COLOR_NAMES)
+            for label in REAL_CLASSES]
+
+
 def check_hints(parsed: ParsedInstruction, min_hints: int) -> Optional[str]:
     """None when ``parsed`` holds at least ``min_hints`` hints, else the reason, naming what was read and
     what was refused or not understood."""

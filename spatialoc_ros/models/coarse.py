@@ -46,6 +46,7 @@ from spatialoc_ros.models.layers import (  # noqa: F401  (set_level_similarity i
     masked_max,
     masked_mean,
     mlp,
+    packed_set_similarity,
     set_level_similarity,
 )
 from spatialoc_ros.models.text_encoder import HintBatch
@@ -89,6 +90,32 @@ class CellEmbedding:
         """Concatenate embeddings of several cell batches along B."""
         columns = list(zip(*[_values(p) for p in parts]))
         return CellEmbedding(*[None if c[0] is None else torch.cat(c, dim=0) for c in columns])
+
+
+    def packed(self) -> "PackedCellEmbedding":
+        """The same embedding with the padded object slots left out (for scoring all cells)."""
+        cell, slot = self.mask.nonzero(as_tuple=True)
+        return PackedCellEmbedding(
+            global_=self.global_,
+            objects=self.objects[cell, slot].contiguous(),
+            cell=cell,
+            relations=None if self.relations is None else self.relations[cell, slot].contiguous(),
+        )
+
+
+@dataclass
+class PackedCellEmbedding:
+    """A CellEmbedding's real object vectors only, in cell order: the form
+    :meth:`CoarseModel.similarity` reads fastest when one query is scored against a whole map
+    (no padded slot is read). Built by :meth:`CellEmbedding.packed`."""
+
+    global_: torch.Tensor  # (B, D)
+    objects: torch.Tensor  # (R, D), the real slots of every cell
+    cell: torch.Tensor  # (R,) long, the cell of each row
+    relations: Optional[torch.Tensor] = None  # (R, D)
+
+    def __len__(self) -> int:
+        return int(self.global_.shape[0])
 
 
 def _values(obj) -> list:
@@ -218,16 +245,20 @@ class CoarseModel(nn.Module):
         global_ = F.normalize(self.centre["cell_global"](global_), dim=-1)
         return CellEmbedding(global_, objects, mask, relations)
 
-    def similarity(self, text: TextEmbedding, cells: CellEmbedding) -> dict:
-        """-> {level: (Bt, Bc)} for every level in ``self.levels``."""
-        sims = {
-            "global": text.global_ @ cells.global_.T,
-            "object": set_level_similarity(text.objects, text.hint_mask, cells.objects, cells.mask),
-        }
+    def similarity(self, text: TextEmbedding, cells) -> dict:
+        """-> {level: (Bt, Bc)} for every level in ``self.levels``; ``cells``: a CellEmbedding or
+        its PackedCellEmbedding (the same values)."""
+        if isinstance(cells, PackedCellEmbedding):
+            def set_level(queries, items):
+                return packed_set_similarity(queries, text.hint_mask, items, cells.cell, len(cells))
+        else:
+            def set_level(queries, items):
+                return set_level_similarity(queries, text.hint_mask, items, cells.mask)
+        sims = {"global": text.global_ @ cells.global_.T, "object": set_level(text.objects, cells.objects)}
         if self.use_beose:
             if text.relations is None or cells.relations is None:
                 raise ValueError("this model has a relation level but an embedding lacks relations")
-            sims["relation"] = set_level_similarity(text.relations, text.hint_mask, cells.relations, cells.mask)
+            sims["relation"] = set_level(text.relations, cells.relations)
         return sims
 
     def level_summaries(self, text: TextEmbedding, cells: CellEmbedding) -> dict:

@@ -246,30 +246,161 @@ def hint_tensors(hints: Sequence) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return d, c, lab
 
 
-@torch.no_grad()
-def satisfied_hints(hints: Sequence, rel: CellRelations, grid_size: int = GRID_STEPS ** 2) -> torch.Tensor:
-    """(N, H, G) bool: hint h holds at candidate position g of cell n (some object of its class and
-    colour lies in its direction there). ``grid_size``: the number of candidate positions the
-    relations were computed on (the default grid's unless :func:`cell_relations` got another)."""
+def _valid_bits(grid_size: int, words: int, device) -> torch.Tensor:
+    """(W,) int64 words with exactly the bits of the ``grid_size`` candidate positions set."""
+    tail = grid_size - (words - 1) * _WORD_BITS
+    if not 0 < tail <= _WORD_BITS:
+        raise ValueError(f"{grid_size} candidate positions do not fit {words} words of {_WORD_BITS} bits")
+    full = torch.full((words,), (1 << _WORD_BITS) - 1, dtype=torch.int64)
+    full[-1] = (1 << tail) - 1
+    return full.to(device)
+
+
+def _popcount(words: torch.Tensor) -> torch.Tensor:
+    """(...) int64 with the sign bit clear -> (...) int64 number of set bits (SWAR: bit counts of
+    2, 4, 8 bits, then the bytes summed by shifts; no multiply, so nothing overflows)."""
+    x = words - ((words >> 1) & 0x5555555555555555)
+    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    x = x + (x >> 32)
+    return x & 0x7F
+
+
+def _hint_words(hints: Sequence, rel: CellRelations) -> torch.Tensor:
+    """(N, H, W) int64: bit g of cell n, hint h set where hint h holds at candidate position g (some
+    object of its class and colour lies in its direction there), packed as ``rel.placed``."""
     if len(hints) == 0:
         raise ValueError("satisfied_hints needs at least one hint")
     d, c, lab = (t.to(rel.mask.device) for t in hint_tensors(hints))
     named = (rel.label[:, None, :] == lab[None, :, None]) & rel.mask[:, None, :]  # (N, H, O)
     named &= (c[None, :, None] == ANY_COLOUR) | (rel.colour[:, None, :] == c[None, :, None])
-    # Few objects are named by a hint: gather only those (cell, hint, object) triples, unpack
-    # their positions and count them per (cell, hint).
+    N, H = named.shape[0], named.shape[1]
+    W = rel.placed.shape[-1]
+    out = torch.zeros(N * H, W, dtype=torch.int64, device=named.device)
+    # Few objects are named by a hint: take only those (cell, hint, object) triples. They come in
+    # (cell, hint) order, so a triple's rank inside its (cell, hint) group says which OR round it
+    # joins; each round writes every group at most once.
     n, h, o = named.nonzero(as_tuple=True)
-    held = torch.zeros(named.shape[0], named.shape[1], grid_size, dtype=torch.int32, device=named.device)
     if len(n):
-        bits = _unpack_bits(rel.placed[n, o, d[h]], grid_size).to(torch.int32)  # (M, G)
-        held.index_put_((n, h), bits, accumulate=True)
-    return held > 0
+        words = rel.placed[n, o, d[h]]  # (M, W)
+        group = n * H + h
+        pos = torch.arange(len(group), device=group.device)
+        first = torch.ones_like(group, dtype=torch.bool)
+        first[1:] = group[1:] != group[:-1]
+        rank = pos - torch.cummax(torch.where(first, pos, torch.zeros_like(pos)), dim=0).values
+        for r in range(int(rank.max()) + 1):
+            sel = (rank == r).nonzero(as_tuple=True)[0]
+            rows = group[sel]
+            out[rows] = out[rows] | words[sel]
+    return out.view(N, H, W)
+
+
+@dataclass
+class HintLookup:
+    """The hint flags of a whole map, ready for one query against every cell.
+
+    For every (cell, class, colour) and every (cell, class) that occurs, the union over the
+    cell's objects of that class (and colour) of ``placed`` (E, 5, W): where such an object lies in
+    each direction. Rows are sorted by (class, colour, cell) and (class, cell), so a hint's rows
+    are one contiguous range, found by binary search; no per-cell scan at query time.
+    Built once per map by :meth:`build` (:meth:`Localizer.set_map`).
+    """
+
+    num_cells: int
+    colour_keys: torch.Tensor  # (E1,) sorted (class * C + colour) * N + cell
+    colour_words: torch.Tensor  # (E1, 5, W)
+    class_keys: torch.Tensor  # (E2,) sorted class * N + cell
+    class_words: torch.Tensor  # (E2, 5, W)
+
+    @staticmethod
+    def build(rel: CellRelations) -> "HintLookup":
+        N = len(rel)
+        n, o = (t.cpu().numpy() for t in rel.mask.nonzero(as_tuple=True))
+        label = rel.label.cpu().numpy()[n, o]
+        colour = rel.colour.cpu().numpy()[n, o]
+        placed = rel.placed.cpu().numpy()[n, o]  # (R, 5, W)
+        W = rel.placed.shape[-1]
+        device = rel.mask.device
+
+        def unions(keys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            order = np.argsort(keys, kind="stable")
+            keys = keys[order]
+            if not len(keys):
+                return (torch.zeros(0, dtype=torch.int64, device=device),
+                        torch.zeros(0, len(DIRECTIONS), W, dtype=torch.int64, device=device))
+            starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+            words = np.bitwise_or.reduceat(placed[order], starts, axis=0)
+            return torch.from_numpy(keys[starts]).to(device), torch.from_numpy(words).to(device)
+
+        colour_keys, colour_words = unions((label * len(UNIQUE_COLOR_NAMES) + colour) * N + n)
+        class_keys, class_words = unions(label.astype(np.int64) * N + n)
+        return HintLookup(N, colour_keys, colour_words, class_keys, class_words)
+
+    def __len__(self) -> int:
+        return self.num_cells
+
+    def hint_words(self, hints: Sequence) -> torch.Tensor:
+        """(N, H, W) int64: as :func:`satisfied_hints`, packed."""
+        if len(hints) == 0:
+            raise ValueError("satisfied_hints needs at least one hint")
+        N, H = self.num_cells, len(hints)
+        device = self.class_keys.device
+        out = torch.zeros(N, H, self.class_words.shape[-1], dtype=torch.int64, device=device)
+        d, c, lab = hint_tensors(hints)
+        for h in range(H):
+            if int(c[h]) == ANY_COLOUR:
+                keys, words, first = self.class_keys, self.class_words, int(lab[h]) * N
+            else:
+                keys, words = self.colour_keys, self.colour_words
+                first = (int(lab[h]) * len(UNIQUE_COLOR_NAMES) + int(c[h])) * N
+            lo, hi = (int(torch.searchsorted(keys, torch.tensor(v, device=device))) for v in (first, first + N))
+            if hi > lo:
+                out[keys[lo:hi] - first, h] = words[lo:hi, int(d[h])]
+        return out
 
 
 @torch.no_grad()
-def binding_scores(hints: Sequence, rel: CellRelations, sharpness: float = SHARPNESS,
-                   chunk: int = 8192) -> torch.Tensor:
-    """(N,) how well each cell explains the query's hints, in (-inf, 1].
+def satisfied_hints(hints: Sequence, rel: CellRelations, grid_size: int = GRID_STEPS ** 2) -> torch.Tensor:
+    """(N, H, G) bool: hint h holds at candidate position g of cell n (some object of its class and
+    colour lies in its direction there). ``grid_size``: the number of candidate positions the
+    relations were computed on (the default grid's unless :func:`cell_relations` got another)."""
+    return _unpack_bits(_hint_words(hints, rel), grid_size)
+
+
+def _count_histogram(words: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """(N, H, W) packed hint flags -> (N, H + 1) int64: how many of the ``grid_size`` candidate
+    positions of each cell satisfy exactly k hints, k = 0..H.
+
+    The per-position counts are summed in bit-sliced form (slice j holds bit j of every position's
+    count, one word per W), so no (N, H, G) tensor is ever unpacked."""
+    N, H, W = words.shape
+    L = max(H, 1).bit_length()
+    slices = [torch.zeros(N, W, dtype=torch.int64, device=words.device) for _ in range(L)]
+    for h in range(H):  # ripple-carry add of hint h's flags into the counters
+        carry = words[:, h]
+        for j in range(L):
+            slices[j], carry = slices[j] ^ carry, slices[j] & carry
+    sliced = torch.stack(slices)  # (L, N, W)
+    k = torch.arange(H + 1, device=words.device)
+    pattern = ((k[:, None] >> torch.arange(L, device=words.device)) & 1).bool()  # (H + 1, L): bit j of k
+    at_k = torch.where(pattern[:, :, None, None], sliced, ~sliced)  # (H + 1, L, N, W)
+    exact = at_k[:, 0]
+    for j in range(1, L):
+        exact = exact & at_k[:, j]
+    exact = exact & _valid_bits(grid_size, W, words.device)
+    return _popcount(exact).sum(dim=-1).T  # (N, H + 1)
+
+
+#: Largest sharpness :func:`binding_scores` takes (exp(-sharpness) must stay a normal float64).
+MAX_SHARPNESS = 700.0
+
+
+@torch.no_grad()
+def binding_scores(hints: Sequence, rel, sharpness: float = SHARPNESS,
+                   chunk: int = 65536, grid_size: int = GRID_STEPS ** 2) -> torch.Tensor:
+    """(N,) float32: how well each cell explains the query's hints, in (-inf, 1].
 
     With f(g) the share of hints satisfied at candidate position g, the score is
     ``1 + log(mean_g exp(sharpness * (f(g) - 1))) / sharpness``: the log of the hints' likelihood
@@ -277,13 +408,25 @@ def binding_scores(hints: Sequence, rel: CellRelations, sharpness: float = SHARP
     ``sharpness / H`` in log-likelihood. It is 1 when every candidate explains every hint, close to
     ``max_g f(g)`` for a large sharpness, and unlike the maximum it prefers a cell where many
     positions explain the hints to one where a single grid point does (which matters most when
-    a query has few hints).
+    a query has few hints). ``rel``: the cells' CellRelations, or their HintLookup (faster for one
+    query against a whole map; the same scores).
+
+    f(g) only takes the values k / H, so the mean runs over the histogram of k (computed on the
+    packed words, float64) rather than over the G positions.
     """
+    if not 0 < sharpness <= MAX_SHARPNESS:
+        raise ValueError(f"sharpness must be in (0, {MAX_SHARPNESS}], got {sharpness}")
+    H = len(hints)
+    if H == 0:
+        raise ValueError("binding_scores needs at least one hint")
+    # exp(sharpness * (k / H - 1)) for k = 0..H: the weight of a position satisfying k hints
+    weights = torch.exp(sharpness * (torch.arange(H + 1, dtype=torch.float64) / H - 1.0))
     out = []
-    for s in range(0, len(rel), chunk):
-        share = satisfied_hints(hints, rel.index(slice(s, s + chunk))).float().mean(dim=1)  # (n, G)
-        soft = torch.logsumexp(sharpness * (share - 1.0), dim=1) - math.log(share.shape[1])
-        out.append(1.0 + soft / sharpness)
+    for s in range(0, len(rel), len(rel) if isinstance(rel, HintLookup) else chunk):
+        part = rel.hint_words(hints) if isinstance(rel, HintLookup) else _hint_words(hints, rel.index(slice(s, s + chunk)))
+        hist = _count_histogram(part, grid_size)  # (n, H + 1)
+        soft = torch.log(hist.double() @ weights.to(hist.device)) - math.log(grid_size)
+        out.append((1.0 + soft / sharpness).float())
     return torch.cat(out)
 
 
@@ -312,20 +455,35 @@ def refine_in_cell(share: np.ndarray, grid: np.ndarray, mean: np.ndarray, cov: n
     out_cov = np.array(cov, dtype=np.float64, copy=True)
     spacing = np.abs(np.diff(np.unique(grid[:, 0]))).min() if len(np.unique(grid[:, 0])) > 1 else 0.0
     quant = np.eye(2) * spacing ** 2 / 12.0
-    for k in range(len(out_mean)):
-        mu, sigma = out_mean[k], out_cov[k]
-        if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma)) and np.all(np.isfinite(share[k]))):
-            continue
-        d = grid - mu
+    # all rows at once; a row with a non-finite input or a singular covariance stays unchanged
+    ok = (np.isfinite(out_mean).all(axis=1) & np.isfinite(out_cov).all(axis=(1, 2)) & np.isfinite(share).all(axis=1))
+    if ok.any():
+        det = out_cov[:, 0, 0] * out_cov[:, 1, 1] - out_cov[:, 0, 1] * out_cov[:, 1, 0]
+        ok &= np.abs(det) > 0
+    rows = np.flatnonzero(ok)
+    if len(rows):
+        mu, sigma = out_mean[rows], out_cov[rows]  # (R, 2), (R, 2, 2)
+        d = grid[None, :, :] - mu[:, None, :]  # (R, G, 2)
         try:
-            maha = np.einsum("gi,gi->g", d, np.linalg.solve(sigma, d.T).T)
-        except np.linalg.LinAlgError:
-            continue
-        logw = -0.5 * maha + sharpness * share[k]
-        w = np.exp(logw - logw.max())
-        w /= w.sum()
-        m = w @ grid
-        c = grid - m
-        out_mean[k] = m
-        out_cov[k] = np.einsum("g,gi,gj->ij", w, c, c) + quant
+            solved = np.linalg.solve(sigma[:, None, :, :], d[..., None])[..., 0]  # (R, G, 2) = sigma^-1 d
+        except np.linalg.LinAlgError:  # numerically singular despite det != 0: refine the others alone
+            good = []
+            for r in range(len(rows)):
+                try:
+                    np.linalg.solve(sigma[r], d[r].T)
+                    good.append(r)
+                except np.linalg.LinAlgError:
+                    pass
+            if len(good) < len(rows):
+                mean_r, cov_r = refine_in_cell(share[rows[good]], grid, mu[good], sigma[good], sharpness)
+                out_mean[rows[good]], out_cov[rows[good]] = mean_r, cov_r
+                return out_mean, out_cov
+            raise
+        logw = -0.5 * np.einsum("rgi,rgi->rg", d, solved) + sharpness * share[rows]
+        w = np.exp(logw - logw.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+        m = w @ grid  # (R, 2)
+        c = grid[None, :, :] - m[:, None, :]
+        out_mean[rows] = m
+        out_cov[rows] = np.einsum("rg,rgi,rgj->rij", w, c, c) + quant
     return out_mean, out_cov

@@ -108,6 +108,28 @@ class MaskedBatchNorm(nn.Module):
         return out
 
 
+def packed_set_similarity(
+    queries: torch.Tensor, query_mask: torch.Tensor, rows: torch.Tensor, row_item: torch.Tensor, num_sets: int
+) -> torch.Tensor:
+    """:func:`set_level_similarity` against sets given by their real items alone.
+
+    rows (R, D): the real items of all sets, row_item (R,) long: the set of each row, num_sets: Bc
+    -> (Bt, Bc), the same values: one plain matmul over the real rows (no padding read or
+    multiplied) and a scatter max per set. A set without rows scores ``_NO_ITEM_SCORE``.
+    """
+    Bt, H, D = queries.shape
+    flat_queries = queries.reshape(Bt * H, D).T  # (D, Bt*H)
+    weights = query_mask.to(queries.dtype)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+    best = torch.full((num_sets, Bt * H), _NO_ITEM_SCORE, dtype=queries.dtype, device=queries.device)
+    chunk = max(1, SCORE_CHUNK_ELEMENTS // max(1, Bt * H))
+    for start in range(0, rows.shape[0], chunk):
+        scores = rows[start:start + chunk] @ flat_queries  # (r, Bt*H); cosines >= -1 > _NO_ITEM_SCORE
+        index = row_item[start:start + chunk, None].expand_as(scores)
+        best.scatter_reduce_(0, index, scores, "amax", include_self=True)
+    return torch.einsum("cth,th->tc", best.view(num_sets, Bt, H), weights)
+
+
 def set_level_similarity(
     queries: torch.Tensor, query_mask: torch.Tensor, items: torch.Tensor, item_mask: torch.Tensor
 ) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 #: Short name of the offline default text model.
 MINILM = "minilm"
@@ -183,6 +184,19 @@ class HintEncoder:
                 out[sentence] = tokens[i, : int(lengths[i])].clone()
             self.num_encoded += len(chunk)
         return out
+
+    def warm(self, sentences: Sequence[str], progress: bool = False, chunk_size: int = 64) -> int:
+        """Encode into the cache the ``sentences`` it lacks (none without a cache); returns how many
+        were sent to the language model."""
+        if not self.cache:
+            return 0
+        missing = [s for s in dict.fromkeys(sentences) if s not in self._store]
+        for start in tqdm(range(0, len(missing), chunk_size), desc="hint sentences", unit="batch",
+                          disable=not progress, leave=False):
+            self._store.update(self._encode(missing[start:start + chunk_size]))
+        while len(self._store) > self.max_cached:
+            self._store.popitem(last=False)
+        return len(missing)
 
     def batch(self, hints: Sequence[Sequence[str]], device=None) -> HintBatch:
         """hints: B lists of sentences -> HintBatch on ``device`` (default: the CPU)."""

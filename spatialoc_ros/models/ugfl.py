@@ -102,21 +102,38 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, hints, hint_mask, objects, object_mask):
         """hints (B, H, D), hint_mask (B, H), objects (B, O, D), object_mask (B, O) -> same shapes."""
-        o = self.norm_o1(objects)
-        hints = hints + self.hint_to_object(
-            self.norm_h1(hints), o, o, key_padding_mask=_safe_padding(object_mask), need_weights=False
-        )[0]
+        hints = hints + attend(self.hint_to_object, self.norm_h1(hints), self.norm_o1(objects),
+                               _safe_padding(object_mask))
         hints = hints + self.hint_ffn(self.norm_h2(hints))
         hints = hints * hint_mask.unsqueeze(-1).to(hints.dtype)
         if not self.update_objects:
             return hints, objects
-        h = self.norm_h3(hints)
-        objects = objects + self.object_to_hint(
-            self.norm_o2(objects), h, h, key_padding_mask=_safe_padding(hint_mask), need_weights=False
-        )[0]
+        objects = objects + attend(self.object_to_hint, self.norm_o2(objects), self.norm_h3(hints),
+                                   _safe_padding(hint_mask))
         objects = objects + self.object_ffn(self.norm_o3(objects))
         objects = objects * object_mask.unsqueeze(-1).to(objects.dtype)
         return hints, objects
+
+
+def attend(mha: nn.MultiheadAttention, query: torch.Tensor, memory: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
+    """``mha(query, memory, memory, key_padding_mask=ignore, need_weights=False)[0]`` (batch first).
+
+    Outside training (or without attention dropout) the same projections and softmax attention
+    are written out directly: cross-attention misses PyTorch's fused path, and its generic Python
+    path costs more than the attention itself on a handful of tokens. ``ignore`` (B, S) bool, True =
+    padding; no row may ignore every key (see :func:`_safe_padding`)."""
+    if (mha.training and mha.dropout > 0) or mha.in_proj_weight is None or not mha.batch_first:
+        return mha(query, memory, memory, key_padding_mask=ignore, need_weights=False)[0]
+    E, heads = mha.embed_dim, mha.num_heads
+    weight, bias = mha.in_proj_weight, mha.in_proj_bias
+    q = F.linear(query, weight[:E], None if bias is None else bias[:E])
+    k, v = F.linear(memory, weight[E:], None if bias is None else bias[E:]).split(E, dim=-1)
+    B, L, S = query.shape[0], query.shape[1], memory.shape[1]
+    q = q.view(B, L, heads, E // heads).transpose(1, 2)
+    k = k.view(B, S, heads, E // heads).transpose(1, 2)
+    v = v.view(B, S, heads, E // heads).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=~ignore[:, None, None, :])
+    return mha.out_proj(out.transpose(1, 2).reshape(B, L, E))
 
 
 def _safe_padding(mask: torch.Tensor) -> torch.Tensor:
@@ -170,6 +187,50 @@ class AnchorMeanHead(nn.Module):
         return torch.einsum("bh,bhc->bc", weights, positions)
 
 
+@dataclass
+class MapObjectTokens:
+    """A fine model's object tokens of every cell of a map (they do not depend on the text), real
+    object slots only, with the slots' points for the anchor head. Built once per map
+    (:meth:`Localizer.set_map`), so a query runs the fine model's text and cross-attention parts
+    alone."""
+
+    tokens: torch.Tensor  # (R, D) the real slots of every cell, in cell order
+    xyz: torch.Tensor  # (R, P, 3) their points, cell units
+    start: torch.Tensor  # (N,) long: first row of each cell
+    count: torch.Tensor  # (N,) long: real slots of each cell
+
+    @staticmethod
+    def from_batches(parts: list) -> "MapObjectTokens":
+        """From (object tokens (B, O, D), CellBatch) pairs, in map order."""
+        tokens, xyz, count = [], [], []
+        for o, cells in parts:
+            tokens.append(o[cells.mask])
+            xyz.append(cells.xyz[cells.mask])
+            count.append(cells.mask.sum(dim=1))
+        count = torch.cat(count).long()
+        start = torch.cumsum(count, 0) - count
+        return MapObjectTokens(torch.cat(tokens), torch.cat(xyz), start, count)
+
+    def __len__(self) -> int:
+        return int(self.count.shape[0])
+
+    def gather(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cells (M,) long map indices -> object tokens (M, O, D), mask (M, O), xyz (M, O, P, 3),
+        O the largest real-slot count among them (>= 1), zero at padding."""
+        cells = cells.to(self.start.device)
+        count = self.count[cells]
+        width = max(int(count.max()), 1) if len(cells) else 1
+        slot = torch.arange(width, device=cells.device)
+        mask = slot[None, :] < count[:, None]  # (M, O)
+        rows = torch.where(mask, self.start[cells, None] + slot[None, :], 0)
+        if len(self.tokens) == 0:  # a map without a single object: nothing to gather
+            return (self.tokens.new_zeros(len(cells), width, self.tokens.shape[-1]), mask,
+                    self.xyz.new_zeros((len(cells), width) + tuple(self.xyz.shape[1:])))
+        tokens = self.tokens[rows] * mask[..., None].to(self.tokens.dtype)
+        xyz = self.xyz[rows] * mask[..., None, None].to(self.xyz.dtype)
+        return tokens, mask, xyz
+
+
 class FineModel(nn.Module):
     """Hints + one cell -> Gaussian2D position in the cell (see the module docstring)."""
 
@@ -211,30 +272,35 @@ class FineModel(nn.Module):
         else:
             self.mean_head = nn.Linear(embed_dim, 2)
 
-    def _tokens(self, hints: HintBatch, cells: CellBatch):
-        """-> hint tokens (B, H, D) and object tokens (B, O, D), zero at padding."""
+    def encode_hints(self, hints: HintBatch) -> torch.Tensor:
+        """Hint tokens (B, H, D), zero at padding; they depend on the text alone."""
         if not bool(hints.hint_mask.any(dim=1).all()):
             raise ValueError("every query needs at least one hint")
-        assert len(hints) == len(cells), f"{len(hints)} queries for {len(cells)} cells"
         h = self.hint_mlp(self.token_pool(hints.tokens, hints.token_mask))  # (B, H, D)
-        h = h * hints.hint_mask.unsqueeze(-1).to(h.dtype)
-        return h, self.object_encoder(cells)
+        return h * hints.hint_mask.unsqueeze(-1).to(h.dtype)
 
-    def forward_with_matching(self, hints: HintBatch, cells: CellBatch):
-        """-> (Gaussian2D, matching (B, B) or None).
+    def encode_objects(self, cells: CellBatch) -> torch.Tensor:
+        """Object tokens (B, O, D), zero at padding; they depend on the cell alone (so a map's can
+        be computed once, see :meth:`Localizer.set_map`)."""
+        return self.object_encoder(cells)
+
+    def predict(self, h: torch.Tensor, hint_mask: torch.Tensor, o: torch.Tensor, object_mask: torch.Tensor,
+                xyz: torch.Tensor, with_matching: bool = False):
+        """Hint tokens (B, H, D) + object tokens (B, O, D) of B (query, cell) pairs, with the
+        cells' object points xyz (B, O, P, 3) -> (Gaussian2D, matching (B, B) or None).
 
         ``matching[i, j]`` scores query i's hints against cell j's objects with the anchor head's
         matcher (best object per hint, mean over hints), so a ranking loss at MATCH_TEMPERATURE on
         it (positives on the diagonal) teaches the head which object a hint names with the same
-        weak supervision as the coarse object level; None for the 'direct' head.
+        weak supervision as the coarse object level; computed only ``with_matching`` and never
+        for the 'direct' head.
         """
-        hint_mask, object_mask = hints.hint_mask, cells.mask
-        h, o = self._tokens(hints, cells)
         matching = attention = None
         if self.mean_head_kind == "anchor":
             q, k = self.matcher.vectors(h, o)  # identity vectors, before the blocks mix tokens
             attention = self.matcher.attention(q, k, object_mask)  # (B, H, O)
-            matching = set_level_similarity(q, hint_mask, k, object_mask)  # (B, B)
+            if with_matching:
+                matching = set_level_similarity(q, hint_mask, k, object_mask)  # (B, B)
         for block in self.blocks:
             h, o = block(h, hint_mask, o, object_mask)
         h = self.final_norm(h)
@@ -245,11 +311,19 @@ class FineModel(nn.Module):
         lower = torch.stack([OFFDIAG_SCALE * raw[:, 2], diag[:, 1]], dim=-1)
         scale_tril = torch.stack([torch.stack([diag[:, 0], zeros], dim=-1), lower], dim=-2)  # (B, 2, 2)
         if self.mean_head_kind == "anchor":
-            mean = self.mean_head(h, hint_mask, attention, cells.xyz)
+            mean = self.mean_head(h, hint_mask, attention, xyz)
         else:
             mean = 0.5 + DIRECT_SCALE * self.mean_head(pooled)  # starts near the cell centre
         return Gaussian2D(mean, scale_tril), matching
 
+    def forward_with_matching(self, hints: HintBatch, cells: CellBatch):
+        """-> (Gaussian2D, matching (B, B) or None); see :meth:`predict`."""
+        assert len(hints) == len(cells), f"{len(hints)} queries for {len(cells)} cells"
+        h = self.encode_hints(hints)
+        return self.predict(h, hints.hint_mask, self.encode_objects(cells), cells.mask, cells.xyz, with_matching=True)
+
     def forward(self, hints: HintBatch, cells: CellBatch) -> Gaussian2D:
         """hints (B queries) + their cells (B) -> Gaussian2D, cell units."""
-        return self.forward_with_matching(hints, cells)[0]
+        assert len(hints) == len(cells), f"{len(hints)} queries for {len(cells)} cells"
+        h = self.encode_hints(hints)
+        return self.predict(h, hints.hint_mask, self.encode_objects(cells), cells.mask, cells.xyz)[0]

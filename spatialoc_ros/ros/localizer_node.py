@@ -159,6 +159,10 @@ PARAMETERS: dict[str, ParamSpec] = {
     "sentence_cache": ParamSpec(
         True, "Keep the language-model features of every distinct hint sentence (faster repeated hints; "
               "bounded LRU)."),
+    "warm_sentence_cache": ParamSpec(
+        True, "With sentence_cache: encode, at configure, all 840 hint sentences an instruction can be "
+              "read into, so that no instruction waits for the language model (MiniLM: a few seconds "
+              "once; far longer with a large model such as Flan-T5-large)."),
 }
 
 
@@ -185,6 +189,7 @@ class LocalizerConfig:
     embedding_cache_dir: str
     index: str
     sentence_cache: bool
+    warm_sentence_cache: bool
     diagnostics_period_s: float
 
 
@@ -275,6 +280,15 @@ class LocalizerNode(SpatialocLifecycleNode):
                 "text_model and configure again",
             )
         self._device = str(self._localizer.device)
+        if self.cfg.sentence_cache and self.cfg.warm_sentence_cache:
+            self.set_phase("loading_model", "encoding the hint sentences")
+            t0 = time.perf_counter()
+            try:
+                count = self._localizer.warm_text_cache()
+            except Exception as e:  # noqa: BLE001 - the language model failed on its own vocabulary
+                self._localizer = None
+                return self.refuse_transition("configure", f"cannot encode the hint sentences: {type(e).__name__}: {e}")
+            self.get_logger().info(f"sentence cache: {count} hint sentences encoded in {time.perf_counter() - t0:.1f} s")
         note = getattr(self._localizer, "device_note", None)
         if note:
             self.get_logger().warning(f"device fallback: {note}")
@@ -567,27 +581,32 @@ class LocalizerNode(SpatialocLifecycleNode):
         stamp = received.to_msg()
         frame = self._frame
         publish_pose = estimate.confidence >= cfg.min_confidence
-        try:
+        try:  # what the robot waits for first: the pose, then the detail; rviz's markers last
+            pose = conversions.gaussian_to_pose_stamped(estimate.mean_xy, estimate.cov_xy, frame, stamp)
             detail = conversions.hypotheses_to_msg(hyps, frame, stamp, text, inference_ms, understood=parsed,
                                                    estimate=estimate, pose_published=publish_pose)
-            pose = conversions.gaussian_to_pose_stamped(estimate.mean_xy, estimate.cov_xy, frame, stamp)
-            array = conversions.hypotheses_to_pose_array(hyps, frame, stamp)
-            markers = conversions.hypotheses_to_markers(hyps, frame, stamp, estimate=estimate)
         except ValueError as e:  # a non-finite value reached the conversions: refuse, never publish it
             self._count("failed")
             self.get_logger().error(f"answer for {text[:60]!r} not publishable: {e}")
             return
         if self.lifecycle_state != "active" or not self._pubs:
             return  # deactivated meanwhile
-        self.publish_safely(self._pubs["detail"], detail)
         if publish_pose:
             self.publish_safely(self._pubs["pose"], pose)
         else:
             self._count("pose_suppressed")
             self.get_logger().info(f"confidence {estimate.confidence:.2f} < min_confidence {cfg.min_confidence:.2f}: "
                                    "pose not published (hypotheses are)")
-        self.publish_safely(self._pubs["array"], array)
-        self.publish_safely(self._pubs["markers"], markers)
+        self.publish_safely(self._pubs["detail"], detail)
+        try:
+            array = conversions.hypotheses_to_pose_array(hyps, frame, stamp)
+            markers = conversions.hypotheses_to_markers(hyps, frame, stamp, estimate=estimate)
+        except ValueError as e:  # the same values passed above; only a conversion bug lands here
+            self.get_logger().error(f"hypotheses of {text[:60]!r} not drawable: {e}")
+        else:
+            if self.lifecycle_state == "active" and self._pubs:
+                self.publish_safely(self._pubs["array"], array)
+                self.publish_safely(self._pubs["markers"], markers)
         self._count("answered")
         top = hyps[0]
         self.get_logger().info(
