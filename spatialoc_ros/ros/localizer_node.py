@@ -583,8 +583,6 @@ class LocalizerNode(SpatialocLifecycleNode):
         publish_pose = estimate.confidence >= cfg.min_confidence
         try:  # what the robot waits for first: the pose, then the detail; rviz's markers last
             pose = conversions.gaussian_to_pose_stamped(estimate.mean_xy, estimate.cov_xy, frame, stamp)
-            detail = conversions.hypotheses_to_msg(hyps, frame, stamp, text, inference_ms, understood=parsed,
-                                                   estimate=estimate, pose_published=publish_pose)
         except ValueError as e:  # a non-finite value reached the conversions: refuse, never publish it
             self._count("failed")
             self.get_logger().error(f"answer for {text[:60]!r} not publishable: {e}")
@@ -593,20 +591,23 @@ class LocalizerNode(SpatialocLifecycleNode):
             return  # deactivated meanwhile
         if publish_pose:
             self.publish_safely(self._pubs["pose"], pose)
-        else:
+        try:
+            detail = conversions.hypotheses_to_msg(hyps, frame, stamp, text, inference_ms, understood=parsed,
+                                                   estimate=estimate, pose_published=publish_pose)
+            array = conversions.hypotheses_to_pose_array(hyps, frame, stamp)
+            markers = conversions.hypotheses_to_markers(hyps, frame, stamp, estimate=estimate)
+        except ValueError as e:  # the hypotheses are finite (non-finite ones were left out): a bug
+            self._count("failed")
+            self.get_logger().error(f"hypotheses of {text[:60]!r} not publishable: {e}")
+            return
+        if not publish_pose:
             self._count("pose_suppressed")
             self.get_logger().info(f"confidence {estimate.confidence:.2f} < min_confidence {cfg.min_confidence:.2f}: "
                                    "pose not published (hypotheses are)")
-        self.publish_safely(self._pubs["detail"], detail)
-        try:
-            array = conversions.hypotheses_to_pose_array(hyps, frame, stamp)
-            markers = conversions.hypotheses_to_markers(hyps, frame, stamp, estimate=estimate)
-        except ValueError as e:  # the same values passed above; only a conversion bug lands here
-            self.get_logger().error(f"hypotheses of {text[:60]!r} not drawable: {e}")
-        else:
-            if self.lifecycle_state == "active" and self._pubs:
-                self.publish_safely(self._pubs["array"], array)
-                self.publish_safely(self._pubs["markers"], markers)
+        if self.lifecycle_state == "active" and self._pubs:
+            self.publish_safely(self._pubs["detail"], detail)
+            self.publish_safely(self._pubs["array"], array)
+            self.publish_safely(self._pubs["markers"], markers)
         self._count("answered")
         top = hyps[0]
         self.get_logger().info(
