@@ -549,7 +549,7 @@ class Localizer:
         # the real object slots alone and the map's hint flags by class and colour.
         packed = index.packed() if index is not None and len(cells) <= self.preselect_above else None
         hint_lookup = None
-        if relations is not None:
+        if relations is not None and len(cells) <= self.preselect_above:
             from spatialoc_ros.models.geometry import HintLookup
 
             hint_lookup = HintLookup.build(relations)
@@ -741,7 +741,10 @@ class Localizer:
             return scores
         from spatialoc_ros.models.geometry import binding_scores
 
-        rel = self._hint_lookup if cells is None else self._relations.index(cells)
+        if cells is None:
+            rel = self._hint_lookup if self._hint_lookup is not None else self._relations
+        else:
+            rel = self._relations.index(cells)
         geo = torch.stack([binding_scores(h, rel) for h in hints]).to(scores.dtype)
         return scores + self.relation_weight * geo
 
@@ -1020,7 +1023,7 @@ class Localizer:
             raise ValueError("this Localizer has no coarse model")
         from spatialoc_ros.models.geometry import binding_scores, cell_relations
 
-        rel = self._hint_lookup
+        rel = self._hint_lookup if self._hint_lookup is not None else self._relations
         if rel is None:
             rel = cell_relations(self._cells, max_objects=self.coarse_cfg.max_objects).to(self.device)
         cells = self._index if self._packed_index is None else self._packed_index
