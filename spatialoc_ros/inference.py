@@ -741,12 +741,19 @@ class Localizer:
             return scores
         from spatialoc_ros.models.geometry import binding_scores
 
-        if cells is None:
-            rel = self._hint_lookup if self._hint_lookup is not None else self._relations
-        else:
-            rel = self._relations.index(cells)
+        rel = self._map_geometry() if cells is None else self._relations.index(cells)
         geo = torch.stack([binding_scores(h, rel) for h in hints]).to(scores.dtype)
         return scores + self.relation_weight * geo
+
+    def _map_embedding(self):
+        """What scoring one query against every cell reads: the packed embedding when set_map made
+        one, else the padded one (the same values)."""
+        return self._index if self._packed_index is None else self._packed_index
+
+    def _map_geometry(self):
+        """The map's geometric level for a query against every cell: its HintLookup when set_map
+        made one, else its CellRelations (the same scores), None without geometry."""
+        return self._relations if self._hint_lookup is None else self._hint_lookup
 
     def calibrated(self, name: str, num_hints: int) -> float:
         """The calibration value ``name`` ('temperature', 'mixture_within_scale',
@@ -778,8 +785,7 @@ class Localizer:
         shortlist = self._vector_index.kind == "faiss" or n > self.preselect_above
         if shortlist and self.preselect_top < n:
             return self._retrieve_preselect(text_emb, k, hints)
-        cells = self._index if self._packed_index is None else self._packed_index
-        sims = self.coarse.similarity(text_emb, cells)  # {level: (B, N)}
+        sims = self.coarse.similarity(text_emb, self._map_embedding())  # {level: (B, N)}
         scores = self._rankable(self._with_relations(self.coarse.combined_scores(sims), hints))  # (B, N)
         return self._top(scores, k, hints)
 
@@ -1023,10 +1029,10 @@ class Localizer:
             raise ValueError("this Localizer has no coarse model")
         from spatialoc_ros.models.geometry import binding_scores, cell_relations
 
-        rel = self._hint_lookup if self._hint_lookup is not None else self._relations
+        rel = self._map_geometry()
         if rel is None:
             rel = cell_relations(self._cells, max_objects=self.coarse_cfg.max_objects).to(self.device)
-        cells = self._index if self._packed_index is None else self._packed_index
+        cells = self._map_embedding()
         parsed, sentences = self._read(queries)
         learned, geo = [], []
         bs = max(self.batch_size, 1)

@@ -421,9 +421,12 @@ def binding_scores(hints: Sequence, rel, sharpness: float = SHARPNESS,
         raise ValueError("binding_scores needs at least one hint")
     # exp(sharpness * (k / H - 1)) for k = 0..H: the weight of a position satisfying k hints
     weights = torch.exp(sharpness * (torch.arange(H + 1, dtype=torch.float64) / H - 1.0))
+    if isinstance(rel, HintLookup):
+        parts = [rel.hint_words(hints)]
+    else:
+        parts = (_hint_words(hints, rel.index(slice(s, s + chunk))) for s in range(0, len(rel), chunk))
     out = []
-    for s in range(0, len(rel), len(rel) if isinstance(rel, HintLookup) else chunk):
-        part = rel.hint_words(hints) if isinstance(rel, HintLookup) else _hint_words(hints, rel.index(slice(s, s + chunk)))
+    for part in parts:
         hist = _count_histogram(part, grid_size)  # (n, H + 1)
         soft = torch.log(hist.double() @ weights.to(hist.device)) - math.log(grid_size)
         out.append((1.0 + soft / sharpness).float())
@@ -466,19 +469,15 @@ def refine_in_cell(share: np.ndarray, grid: np.ndarray, mean: np.ndarray, cov: n
         d = grid[None, :, :] - mu[:, None, :]  # (R, G, 2)
         try:
             solved = np.linalg.solve(sigma[:, None, :, :], d[..., None])[..., 0]  # (R, G, 2) = sigma^-1 d
-        except np.linalg.LinAlgError:  # numerically singular despite det != 0: refine the others alone
-            good = []
+        except np.linalg.LinAlgError:  # numerically singular despite det != 0: row by row, such rows unchanged
+            solved = np.full_like(d, np.nan)
             for r in range(len(rows)):
                 try:
-                    np.linalg.solve(sigma[r], d[r].T)
-                    good.append(r)
+                    solved[r] = np.linalg.solve(sigma[r], d[r].T).T
                 except np.linalg.LinAlgError:
                     pass
-            if len(good) < len(rows):
-                mean_r, cov_r = refine_in_cell(share[rows[good]], grid, mu[good], sigma[good], sharpness)
-                out_mean[rows[good]], out_cov[rows[good]] = mean_r, cov_r
-                return out_mean, out_cov
-            raise
+            keep = np.isfinite(solved).all(axis=(1, 2))
+            rows, d, solved = rows[keep], d[keep], solved[keep]
         logw = -0.5 * np.einsum("rgi,rgi->rg", d, solved) + sharpness * share[rows]
         w = np.exp(logw - logw.max(axis=1, keepdims=True))
         w /= w.sum(axis=1, keepdims=True)
