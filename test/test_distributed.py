@@ -250,77 +250,92 @@ def test_flags_a_torchrun_run_cannot_honour_are_refused(stage, extra, message, t
 
 # --- the collectives, checked against one process on the concatenated batch -----------------
 def _collectives_worker(rank: int, world: int, port: int) -> None:
+    import weakref
+
     import torch.distributed as dist
 
-    from spatialoc_ros.models.layers import MaskedBatchNorm
     from spatialoc_ros.training.distributed import Distributed, Topology
-    from spatialoc_ros.training.global_norm import use_global_batch_norm
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    group = weakref.ref(dist.group.WORLD)
+    run = Distributed(Topology(world, rank, rank), torch.device("cpu"))
     try:
-        run = Distributed(Topology(world, rank, rank), torch.device("cpu"))
-        gen = torch.Generator().manual_seed(0)
-        # BatchNorm1d (affine) with uneven rows per process, one process holding none
-        for split in ((5, 2), (7, 0), (1, 0)):
-            x_all = torch.randn(sum(split), 4, generator=gen) * 3 + 1
-            coeff = torch.randn(sum(split), 4, generator=gen)
-            ref = torch.nn.BatchNorm1d(4)
-            with torch.no_grad():
-                ref.weight.uniform_(0.5, 1.5, generator=gen)
-                ref.bias.uniform_(-1, 1, generator=gen)
-            mine = torch.nn.BatchNorm1d(4)
-            mine.load_state_dict(ref.state_dict())
-            use_global_batch_norm(mine)
-            lo = sum(split[:rank])
-            x = x_all[lo:lo + split[rank]].clone().requires_grad_()
-            if sum(split) >= 2:
-                x_ref = x_all.clone().requires_grad_()
-                out_ref = ref(x_ref)
-                (out_ref * coeff).sum().backward()
-            else:  # one row in the whole batch: the running statistics, as the project's layers do
-                x_ref = x_all.clone().requires_grad_()
-                out_ref = torch.nn.functional.batch_norm(x_ref, ref.running_mean, ref.running_var, ref.weight,
-                                                         ref.bias, training=False)
-                (out_ref * coeff).sum().backward()
-            out = mine(x)
-            (out * coeff[lo:lo + split[rank]]).sum().backward()
-            torch.testing.assert_close(out, out_ref[lo:lo + split[rank]], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(x.grad, x_ref.grad[lo:lo + split[rank]], atol=1e-5, rtol=1e-5)
-            grads = torch.cat([mine.weight.grad, mine.bias.grad])
-            dist.all_reduce(grads)  # what DDP does (then / world, with the loss shared the same way)
-            torch.testing.assert_close(grads, torch.cat([ref.weight.grad, ref.bias.grad]), atol=1e-4, rtol=1e-5)
-            torch.testing.assert_close(mine.running_mean, ref.running_mean)
-            torch.testing.assert_close(mine.running_var, ref.running_var)
-            assert int(mine.num_batches_tracked) == int(ref.num_batches_tracked)
-        # MaskedBatchNorm: statistics of the real entries of every process
-        x_all = torch.randn(6, 3, 5, generator=gen)
-        mask_all = torch.rand(6, 3, generator=gen) > 0.4
-        ref, mine = MaskedBatchNorm(5), MaskedBatchNorm(5)
-        use_global_batch_norm(mine)
-        rows = slice(0, 4) if rank == 0 else slice(4, 6)
-        torch.testing.assert_close(mine(x_all[rows], mask_all[rows]), ref(x_all, mask_all)[rows], atol=1e-5, rtol=1e-5)
-        # gather_rows: rank order, padding of the other dims, autograd back to the owner
-        h = 2 + rank  # per-process width of dim 1, as hint counts differ
-        local = torch.full((1 + rank, h, 2), float(rank + 1), requires_grad=True)
-        gathered = run.gather_rows(local)
-        assert gathered.shape == (1 + 2, 3, 2)
-        expected = torch.zeros(3, 3, 2)
-        expected[0, :2] = 1.0
-        expected[1:, :3] = 2.0
-        torch.testing.assert_close(gathered.detach(), expected)
-        weights = torch.arange(gathered.numel(), dtype=torch.float32).view_as(gathered)
-        (gathered * weights).sum().backward()  # every process computes the same loss ...
-        own = weights[0:1, :2] if rank == 0 else weights[1:3, :3]
-        torch.testing.assert_close(local.grad, world * own)  # ... so each owner gets world x its gradient
-        masks = run.gather_rows(torch.ones(1 + rank, h, dtype=torch.bool))
-        assert masks.dtype == torch.bool and masks.sum() == 2 + 6 and not masks[0, 2]
-        assert run.sample_share(1 + rank) == pytest.approx(2 * (1 + rank) / 3)
-        means = run.mean_over_ranks({"a": torch.tensor(float(rank)), "b": 2.0})
-        assert {k: float(v) for k, v in means.items()} == {"a": 0.5, "b": 2.0}
-        assert run.sum_over_ranks({"samples": 1 + rank}) == {"samples": 3}
+        _collectives_checks(run, rank, world)
     finally:
-        dist.destroy_process_group()
+        run.shutdown()
+    # Shut down, the group must be gone: one still held (the autograd-aware gather's default
+    # argument did, when imported after init) keeps gloo's worker threads alive into the
+    # interpreter's exit, where one of them can abort the process (SIGABRT after a passed run).
+    assert group() is None, "the process group outlived Distributed.shutdown()"
+
+
+def _collectives_checks(run, rank: int, world: int) -> None:
+    """Each collective on this process's rows against torch on the whole batch."""
+    import torch.distributed as dist
+
+    from spatialoc_ros.models.layers import MaskedBatchNorm
+    from spatialoc_ros.training.global_norm import use_global_batch_norm
+
+    gen = torch.Generator().manual_seed(0)
+    # BatchNorm1d (affine) with uneven rows per process, one process holding none
+    for split in ((5, 2), (7, 0), (1, 0)):
+        x_all = torch.randn(sum(split), 4, generator=gen) * 3 + 1
+        coeff = torch.randn(sum(split), 4, generator=gen)
+        ref = torch.nn.BatchNorm1d(4)
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5, generator=gen)
+            ref.bias.uniform_(-1, 1, generator=gen)
+        mine = torch.nn.BatchNorm1d(4)
+        mine.load_state_dict(ref.state_dict())
+        use_global_batch_norm(mine)
+        lo = sum(split[:rank])
+        x = x_all[lo:lo + split[rank]].clone().requires_grad_()
+        if sum(split) >= 2:
+            x_ref = x_all.clone().requires_grad_()
+            out_ref = ref(x_ref)
+            (out_ref * coeff).sum().backward()
+        else:  # one row in the whole batch: the running statistics, as the project's layers do
+            x_ref = x_all.clone().requires_grad_()
+            out_ref = torch.nn.functional.batch_norm(x_ref, ref.running_mean, ref.running_var, ref.weight,
+                                                     ref.bias, training=False)
+            (out_ref * coeff).sum().backward()
+        out = mine(x)
+        (out * coeff[lo:lo + split[rank]]).sum().backward()
+        torch.testing.assert_close(out, out_ref[lo:lo + split[rank]], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x.grad, x_ref.grad[lo:lo + split[rank]], atol=1e-5, rtol=1e-5)
+        grads = torch.cat([mine.weight.grad, mine.bias.grad])
+        dist.all_reduce(grads)  # what DDP does (then / world, with the loss shared the same way)
+        torch.testing.assert_close(grads, torch.cat([ref.weight.grad, ref.bias.grad]), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(mine.running_mean, ref.running_mean)
+        torch.testing.assert_close(mine.running_var, ref.running_var)
+        assert int(mine.num_batches_tracked) == int(ref.num_batches_tracked)
+    # MaskedBatchNorm: statistics of the real entries of every process
+    x_all = torch.randn(6, 3, 5, generator=gen)
+    mask_all = torch.rand(6, 3, generator=gen) > 0.4
+    ref, mine = MaskedBatchNorm(5), MaskedBatchNorm(5)
+    use_global_batch_norm(mine)
+    rows = slice(0, 4) if rank == 0 else slice(4, 6)
+    torch.testing.assert_close(mine(x_all[rows], mask_all[rows]), ref(x_all, mask_all)[rows], atol=1e-5, rtol=1e-5)
+    # gather_rows: rank order, padding of the other dims, autograd back to the owner
+    h = 2 + rank  # per-process width of dim 1, as hint counts differ
+    local = torch.full((1 + rank, h, 2), float(rank + 1), requires_grad=True)
+    gathered = run.gather_rows(local)
+    assert gathered.shape == (1 + 2, 3, 2)
+    expected = torch.zeros(3, 3, 2)
+    expected[0, :2] = 1.0
+    expected[1:, :3] = 2.0
+    torch.testing.assert_close(gathered.detach(), expected)
+    weights = torch.arange(gathered.numel(), dtype=torch.float32).view_as(gathered)
+    (gathered * weights).sum().backward()  # every process computes the same loss ...
+    own = weights[0:1, :2] if rank == 0 else weights[1:3, :3]
+    torch.testing.assert_close(local.grad, world * own)  # ... so each owner gets world x its gradient
+    masks = run.gather_rows(torch.ones(1 + rank, h, dtype=torch.bool))
+    assert masks.dtype == torch.bool and masks.sum() == 2 + 6 and not masks[0, 2]
+    assert run.sample_share(1 + rank) == pytest.approx(2 * (1 + rank) / 3)
+    means = run.mean_over_ranks({"a": torch.tensor(float(rank)), "b": 2.0})
+    assert {k: float(v) for k, v in means.items()} == {"a": 0.5, "b": 2.0}
+    assert run.sum_over_ranks({"samples": 1 + rank}) == {"samples": 3}
 
 
 def test_global_batch_collectives_match_one_process():

@@ -36,6 +36,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+# Imported here, before any process group exists, on purpose: its functions take
+# ``group=group.WORLD`` as a default argument, evaluated at import. Imported after
+# init_process_group, that default would hold the process group for the rest of the process, so
+# destroy_process_group could not free it, its gloo worker threads would outlive the interpreter's
+# shutdown and one of them could abort the process at exit (SIGABRT after a finished run).
+# The calls below also pass the current group explicitly.
+from torch.distributed.nn import functional as dist_nn
 
 #: The variables torchrun sets for every process (MASTER_ADDR / MASTER_PORT are read by torch).
 ENV_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
@@ -53,20 +60,16 @@ _DEPRECATION_NOTICE = r"torch\.distributed\.nn\.functional\.\w+ is deprecated"
 def autograd_all_gather(x: torch.Tensor) -> list[torch.Tensor]:
     """Every process's ``x`` (equal shapes), with autograd: backward sums, over the processes,
     the gradients of the copies of this process's ``x``."""
-    from torch.distributed.nn.functional import all_gather
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DEPRECATION_NOTICE, category=FutureWarning)
-        return list(all_gather(x))
+        return list(dist_nn.all_gather(x, group=dist.group.WORLD))
 
 
 def autograd_all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """The sum of every process's ``x``, with autograd (backward sums the gradients too)."""
-    from torch.distributed.nn.functional import all_reduce
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DEPRECATION_NOTICE, category=FutureWarning)
-        return all_reduce(x, op=dist.ReduceOp.SUM)
+        return dist_nn.all_reduce(x, op=dist.ReduceOp.SUM, group=dist.group.WORLD)
 
 
 class TopologyError(ValueError):
