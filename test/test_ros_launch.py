@@ -203,6 +203,17 @@ def test_parameter_files_mirror_the_declared_parameters(node):
         assert value == default, f"{path.name}: {name} = {value!r}, node default {default!r}"
 
 
+def test_readme_documents_every_declared_parameter():
+    """The README's parameter list names each parameter of both nodes (a README edit once dropped
+    the whole ROS section without any test noticing)."""
+    text = (REPO_ROOT / "README.md").read_text()
+    assert "\n### Parameters\n" in text, "README.md lost its ROS 'Parameters' section"
+    section = text.split("\n### Parameters\n", 1)[1].split("\n### ", 1)[0]
+    for node, declared in NODE_PARAMETERS.items():
+        missing = sorted(name for name in declared if f"`{name}`" not in section)
+        assert not missing, f"README.md's Parameters section does not name {node}'s {missing}"
+
+
 def test_rviz_config_names_the_published_topics_relative():
     text = (REPO_ROOT / "config" / "spatialoc.rviz").read_text()
     data = yaml.safe_load(text)
