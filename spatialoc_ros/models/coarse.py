@@ -91,7 +91,6 @@ class CellEmbedding:
         columns = list(zip(*[_values(p) for p in parts]))
         return CellEmbedding(*[None if c[0] is None else torch.cat(c, dim=0) for c in columns])
 
-
     def packed(self) -> "PackedCellEmbedding":
         """The same embedding with the padded object slots left out (for scoring all cells)."""
         cell, slot = self.mask.nonzero(as_tuple=True)

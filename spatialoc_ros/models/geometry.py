@@ -344,7 +344,7 @@ class HintLookup:
     def hint_words(self, hints: Sequence) -> torch.Tensor:
         """(N, H, W) int64: as :func:`satisfied_hints`, packed."""
         if len(hints) == 0:
-            raise ValueError("satisfied_hints needs at least one hint")
+            raise ValueError("HintLookup.hint_words needs at least one hint")
         N, H = self.num_cells, len(hints)
         device = self.class_keys.device
         out = torch.zeros(N, H, self.class_words.shape[-1], dtype=torch.int64, device=device)
