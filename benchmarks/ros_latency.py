@@ -6,9 +6,10 @@
    /spatialoc, localhost discovery, a private ROS_DOMAIN_ID, inside ``unshare -n`` when possible).
 2. Latency: publishes held-out test instructions one at a time and times publish -> the matching
    ``pose`` message arriving in this process (p50 / p99 / mean).
-3. Bare: the same texts through :meth:`Localizer.localize` in this process, same checkpoints,
-   device, map (fetched from the map server) and sentence-cache setting, interleaved with step 2
-   text by text so both see the same machine load.
+3. Bare: the same texts through :meth:`Localizer.estimate` (what the node publishes: localize +
+   combine) in this process, same checkpoints, device, map (fetched from the map server) and
+   sentence-cache setting, interleaved with step 2 text by text so both see the same machine load.
+   The node's own inference time (``inference_ms`` of each answer) is reported next to both.
 4. Load: ``--rate`` instructions/s for ``--load_seconds`` s; counts answers, drops (the node's
    status counters) and samples the localizer's resident memory (RSS) from start to end.
 
@@ -51,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "2013_05_28_drive_0000_sync, _0002_, _0004_ and _0006_ give a 2,127-cell map of the default city")
     d.add_argument("--queries", type=int, default=100, help="timed instructions (one at a time)")
     d.add_argument("--warmup", type=int, default=3, help="untimed instructions first")
+    d.add_argument("--settle_ms", type=float, default=20.0,
+                   help="pause after each ROS answer and each bare call, so that neither is timed while the "
+                        "other's process still works (the node publishes its detail and markers after the pose)")
     d.add_argument("--seed", type=int, default=0)
     lo = p.add_argument_group("load")
     lo.add_argument("--load_seconds", type=float, default=60.0, help="duration of the load test (0 = skip)")
@@ -60,7 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the nodes")
     r.add_argument("--no_netns", action="store_true", help="do not re-run inside unshare -n")
     r.add_argument("--out", default=os.path.join("out", "ros_latency.json"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not (np.isfinite(args.settle_ms) and args.settle_ms >= 0):
+        p.error(f"--settle_ms must be a finite number >= 0, got {args.settle_ms}")
+    return args
 
 
 class Probe:
@@ -223,17 +230,25 @@ def main(argv=None) -> int:
         result["map_cells"] = len(cells)
         for t in texts[: args.warmup]:
             probe.ask(t)
-            loc.localize(t, top_k=args.top_k)
-        ros_ms, bare_ms = [], []
+            loc.estimate(t, top_k=args.top_k)
+        ros_ms, bare_ms, node_ms = [], [], []
+        settle_s = args.settle_ms / 1e3
         for t in texts[args.warmup:]:
             ros_ms.append(probe.ask(t))
+            detail = probe.details.get(" ".join(t.split()))
+            node_ms.append(float(detail.inference_ms) if detail is not None else float("nan"))
+            probe.spin_until(lambda: False, settle_s)
             t0 = time.perf_counter()
-            loc.localize(t, top_k=args.top_k)
+            loc.estimate(t, top_k=args.top_k)  # what the node publishes as `pose`: localize + combine
             bare_ms.append(1e3 * (time.perf_counter() - t0))
+            time.sleep(settle_s)
         result["ros"] = stats(ros_ms)
         result["bare"] = stats(bare_ms)
+        result["node_inference"] = stats(node_ms)  # the node's own inference_ms (detail message)
         print(f"ROS instruction->pose: {result['ros']}", flush=True)
-        print(f"bare Localizer.localize: {result['bare']}", flush=True)
+        print(f"bare Localizer.estimate: {result['bare']}", flush=True)
+        print(f"node's own inference time: {result['node_inference']}", flush=True)
+        print(f"p50 ratio ROS / bare: {result['ros']['p50_ms'] / result['bare']['p50_ms']:.3f}", flush=True)
         del loc
 
         # 3. load: rate instructions/s for load_seconds

@@ -37,13 +37,14 @@ distribution over the cell (cell_size^2 / 12 per axis).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -236,6 +237,25 @@ def _pad_objects(emb, num_objects: int):
         return out
 
     return dataclasses.replace(emb, objects=pad(emb.objects), mask=pad(emb.mask), relations=pad(emb.relations))
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Run the block with torch's intra-op CPU thread count at ``n`` and restore it after; ``n`` = 0
+    leaves it as it is. torch's count is process-wide: meant for the one thread that runs inference
+    (the localizer node's worker), not for blocks that run side by side."""
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"intra_op_threads needs n >= 0 (0 = unchanged), got {n}")
+    if n == 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _sync(device: torch.device) -> None:

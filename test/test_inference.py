@@ -199,3 +199,19 @@ def test_shipped_checkpoints_load_via_package_path(test_split):
     loc.set_map(test_split.cells[:20], progress=False)
     hyps = loc.localize(query_text(test_split.poses[0]), top_k=3)
     assert len(hyps) == 3
+
+
+def test_intra_op_threads_sets_and_restores():
+    before = torch.get_num_threads()
+    with inference.intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with inference.intra_op_threads(0):  # 0 = leave it as it is
+        assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with inference.intra_op_threads(1):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before  # restored on an exception too
+    with pytest.raises(ValueError, match="n >= 0"):
+        with inference.intra_op_threads(-1):
+            pass

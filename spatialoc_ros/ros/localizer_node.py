@@ -30,13 +30,14 @@ inferring):
 - ``hypotheses`` (geometry_msgs/PoseArray), ``hypotheses_detail`` (spatialoc_ros/HypothesisArray),
   ``markers`` (visualization_msgs/MarkerArray).
 
-Inference runs on a worker thread fed by a bounded queue that keeps the newest instructions
-(``queue_size``); drops are counted and logged. Bad input is refused with one log line; nothing is
-published for it. Non-finite model outputs are counted and logged, never published. Readiness and
-counters go to ``/diagnostics`` (diagnostic_msgs/DiagnosticArray) and, human-readable, to
-``status`` (std_msgs/String, transient local), e.g. ``state=ready lifecycle=active cells=120
-received=3 answered=3 ...``. Service ``reload_map`` (std_srvs/Trigger) fetches the map again; a
-failed reload keeps the previous map answering.
+Inference runs on a worker thread, with ``inference_threads`` torch CPU threads, fed by a bounded
+queue that keeps the newest instructions (``queue_size``); drops are counted and logged. Bad input
+is refused with one log line; nothing is published for it. Non-finite model outputs are counted and
+logged, never published. Readiness and counters go to ``/diagnostics``
+(diagnostic_msgs/DiagnosticArray) and, human-readable, to ``status`` (std_msgs/String, transient
+local), e.g. ``state=ready lifecycle=active cells=120 received=3 answered=3 ...``. Service
+``reload_map`` (std_srvs/Trigger) fetches the map again; a failed reload keeps the previous map
+answering.
 """
 from __future__ import annotations
 
@@ -156,6 +157,11 @@ PARAMETERS: dict[str, ParamSpec] = {
                 f"(inverted-file FAISS index) | auto (FAISS above {PRESELECT_ABOVE:,} cells when installed). The re-ranking "
                 "of the short list on every level is exact either way.",
         check=lambda v: None if v in INDEX_KINDS else f"must be one of {', '.join(INDEX_KINDS)}, got {v!r}"),
+    "inference_threads": ParamSpec(
+        1, "CPU threads torch uses to answer one instruction (0 = torch's default, one per core). One is "
+           "as fast per query with the shipped model and leaves no idle OpenMP thread spinning on the "
+           "cores the executor needs for the next instruction (README, Latency). Map embedding always "
+           "uses torch's default.", 0, 1024),
     "sentence_cache": ParamSpec(
         True, "Keep the language-model features of every distinct hint sentence (faster repeated hints; "
               "bounded LRU)."),
@@ -188,6 +194,7 @@ class LocalizerConfig:
     min_confidence: float
     embedding_cache_dir: str
     index: str
+    inference_threads: int
     sentence_cache: bool
     warm_sentence_cache: bool
     diagnostics_period_s: float
@@ -470,6 +477,8 @@ class LocalizerNode(SpatialocLifecycleNode):
 
     def _run_worker(self) -> None:
         """Answers instructions one by one, and reloads of the map, while active."""
+        from spatialoc_ros.inference import intra_op_threads
+
         while not self._worker_stop.is_set():
             with self._lock:
                 while not (self._queue or self._reload_requests or self._worker_stop.is_set()):
@@ -487,7 +496,8 @@ class LocalizerNode(SpatialocLifecycleNode):
                     self.get_logger().error(ticket["message"])
                 ticket["done"].set()
             if job is not None:
-                self._answer(*job)
+                with intra_op_threads(self.cfg.inference_threads):
+                    self._answer(*job)
 
     # ----------------------------------------------------------------- the map
     def _fetch_cells(self, wait_s: float):
