@@ -53,8 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--queries", type=int, default=100, help="timed instructions (one at a time)")
     d.add_argument("--warmup", type=int, default=3, help="untimed instructions first")
     d.add_argument("--settle_ms", type=float, default=20.0,
-                   help="pause after each ROS answer and each bare call, so that neither is timed while the "
-                        "other's process still works (the node publishes its detail and markers after the pose)")
+                   help="pause of at least this after each ROS answer and each bare call, so that neither "
+                        "is timed while the other's process still works (the node publishes its detail and "
+                        "markers after the pose)")
     d.add_argument("--seed", type=int, default=0)
     lo = p.add_argument_group("load")
     lo.add_argument("--load_seconds", type=float, default=60.0, help="duration of the load test (0 = skip)")
@@ -248,7 +249,9 @@ def main(argv=None) -> int:
         print(f"ROS instruction->pose: {result['ros']}", flush=True)
         print(f"bare Localizer.estimate: {result['bare']}", flush=True)
         print(f"node's own inference time: {result['node_inference']}", flush=True)
-        print(f"p50 ratio ROS / bare: {result['ros']['p50_ms'] / result['bare']['p50_ms']:.3f}", flush=True)
+        if result["ros"]["n"] and result["bare"]["n"]:
+            result["p50_ratio"] = result["ros"]["p50_ms"] / result["bare"]["p50_ms"]
+            print(f"p50 ratio ROS / bare: {result['p50_ratio']:.3f}", flush=True)
         del loc
 
         # 3. load: rate instructions/s for load_seconds
