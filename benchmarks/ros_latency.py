@@ -119,8 +119,9 @@ class Probe:
         self.pub.publish(self._String(data=text))
         return t0
 
-    def ask(self, text: str, timeout_s: float = 60.0) -> float:
-        """Latency (ms) from publishing ``text`` to receiving its pose; nan on timeout."""
+    def ask(self, text: str, timeout_s: float = 60.0) -> tuple[float, object]:
+        """(latency in ms from publishing ``text`` to receiving its pose, its HypothesisArray);
+        (nan, None) on timeout."""
         key = " ".join(text.split())
         self.details.pop(key, None)
         t0 = self.send(text)
@@ -130,10 +131,10 @@ class Probe:
             return d is not None and any(m.header.stamp == d.header.stamp for _, m in self.poses[-5:])
 
         if not self.spin_until(arrived, timeout_s):
-            return float("nan")
+            return float("nan"), None
         stamp = self.details[key].header.stamp
         t1 = next(t for t, m in reversed(self.poses) if m.header.stamp == stamp)
-        return 1e3 * (t1 - t0)
+        return 1e3 * (t1 - t0), self.details[key]
 
     def cells(self):
         from spatialoc_ros.ros.conversions import msgs_to_cells
@@ -235,8 +236,8 @@ def main(argv=None) -> int:
         ros_ms, bare_ms, node_ms = [], [], []
         settle_s = args.settle_ms / 1e3
         for t in texts[args.warmup:]:
-            ros_ms.append(probe.ask(t))
-            detail = probe.details.get(" ".join(t.split()))
+            ms, detail = probe.ask(t)
+            ros_ms.append(ms)
             node_ms.append(float(detail.inference_ms) if detail is not None else float("nan"))
             probe.spin_until(lambda: False, settle_s)
             t0 = time.perf_counter()
