@@ -167,10 +167,11 @@ def full_map(loc_args: dict, base_cells, n: int, texts, queries_global, cache_di
     row["restart_s"] = time.perf_counter() - t0
     row["restart_from_cache"] = bool(restarted.map_timings.get("cached"))
     del restarted
-    # what the Localizer holds for the map: the embedding and geometry, and up to PRESELECT_ABOVE
-    # cells the exact path's packed embedding, the hint lookup and the fine model's object tokens
-    held = (loc._index, loc._relations, loc._packed_index, loc._hint_lookup, loc._fine_tokens)
+    # what the Localizer holds for the map: the (packed) embedding and geometry, and up to
+    # PRESELECT_ABOVE cells the hint lookup and the fine model's object tokens
+    held = (loc._relations, loc._hint_lookup, loc._fine_tokens)
     per_cell = sum(tensor_bytes(part) for part in held if part is not None)
+    per_cell += sum(t.numel() * t.element_size() for t in (*loc._index.tensors.values(), loc._index.cell, loc._index.start))
     exact_top = vi.ExactIndex(loc._index.global_).search(queries_global, 10)[1].cpu().numpy()
     for kind in ("exact", "faiss"):
         t0 = time.perf_counter()

@@ -222,23 +222,6 @@ def _concat(objs: Sequence):
     return type(first)(**values)
 
 
-def _pad_objects(emb, num_objects: int):
-    """A CellEmbedding of a trimmed batch (:meth:`CellBatch.trimmed`) with its per-object fields
-    padded back to ``num_objects`` slots (zero vectors, mask False), as the map index stores them."""
-    have = emb.mask.shape[1]
-    if have == num_objects:
-        return emb
-
-    def pad(t):
-        if t is None:
-            return None
-        out = t.new_zeros((t.shape[0], num_objects) + tuple(t.shape[2:]))
-        out[:, :have] = t
-        return out
-
-    return dataclasses.replace(emb, objects=pad(emb.objects), mask=pad(emb.mask), relations=pad(emb.relations))
-
-
 @contextlib.contextmanager
 def intra_op_threads(n: int) -> Iterator[None]:
     """Run the block with torch's intra-op CPU thread count at ``n`` and restore it after; ``n`` = 0
@@ -386,7 +369,6 @@ class Localizer:
             self.by_hints[key] = None if values is None else tuple(float(v) for v in values)
         self._relations = None  # CellRelations of the map (geometric level), when relation_weight > 0
         self._hint_lookup = None  # their HintLookup (one query against every cell)
-        self._packed_index = None  # PackedCellEmbedding of the map when the exact path ranks every cell
         from spatialoc_ros.models.geometry import REFINE_SHARPNESS
 
         #: Sharpness of the geometric in-cell refinement of the fine stage's Gaussians (0 = off;
@@ -415,7 +397,7 @@ class Localizer:
         self._hint_encoders = self._build_hint_encoders(text_model, fixed_embedding, text_encoders)
         self.timings: dict[str, float] = {"text_ms": 0.0, "retrieval_ms": 0.0, "fine_ms": 0.0}
         self._cells: Optional[list[Cell]] = None
-        self._index = None  # CellEmbedding of all cells (coarse model), on self.device
+        self._index = None  # PackedCellEmbedding of all cells (coarse model), on self.device
         self._fine_cache: dict[int, object] = {}
         self._fine_tokens = None  # MapObjectTokens of the map (fine model), see _embed_fine
         self.map_timings: dict[str, float] = {}
@@ -536,18 +518,18 @@ class Localizer:
         t_start = time.perf_counter()
         path = None
         cached = None
+        timings = {"digest_s": 0.0, "embed_s": 0.0, "geometry_s": 0.0, "cache_s": 0.0, "index_s": 0.0, "fine_s": 0.0}
         if cache_dir and self.coarse is not None:
             from spatialoc_ros.models import embedding_cache
 
             key = embedding_cache.cache_key(embedding_cache.model_digest(self.coarse, self.coarse_cfg),
                                             embedding_cache.map_digest(cells), with_relations)
             path = embedding_cache.cache_path(cache_dir, key)
+            timings["digest_s"] = time.perf_counter() - t_start
             cached = self._load_cached_map(path, cells, with_relations)
-        timings = {"digest_s": time.perf_counter() - t_start, "embed_s": 0.0, "geometry_s": 0.0,
-                   "cache_s": 0.0, "index_s": 0.0, "fine_s": 0.0}
+            timings["cache_s"] = time.perf_counter() - t_start - timings["digest_s"]
         if cached is not None:
             cells, index, relations = cached
-            timings["cache_s"] = time.perf_counter() - t_start - timings["digest_s"]
         else:
             t0 = time.perf_counter()
             cells, index = self._embed_cells(cells, progress)
@@ -562,12 +544,11 @@ class Localizer:
             if path is not None:
                 t0 = time.perf_counter()
                 self._save_cached_map(path, cells, index, relations)
-                timings["cache_s"] = time.perf_counter() - t0
+                timings["cache_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         vector_index = None if index is None else self._build_vector_index(index.global_, path)
         # What one query against every cell reads (the exact path, up to preselect_above cells):
-        # the real object slots alone and the map's hint flags by class and colour.
-        packed = index.packed() if index is not None and len(cells) <= self.preselect_above else None
+        # the map's hint flags by class and colour.
         hint_lookup = None
         if relations is not None and len(cells) <= self.preselect_above:
             from spatialoc_ros.models.geometry import HintLookup
@@ -583,7 +564,6 @@ class Localizer:
         self.map_timings = {**timings, "cached": cached is not None}
         self._relations = relations
         self._hint_lookup = hint_lookup
-        self._packed_index = packed
         self._vector_index = vector_index
         self._cells = cells
         self._id_to_index = {c.id: i for i, c in enumerate(cells)}
@@ -614,7 +594,7 @@ class Localizer:
         return MapObjectTokens.from_batches(parts)
 
     def _embed_cells(self, cells: list, progress: bool):
-        """(kept cells, CellEmbedding or None): the coarse model's embedding of ``cells``, cells
+        """(kept cells, PackedCellEmbedding or None): the coarse model's embedding of ``cells``, cells
         with a non-finite embedding left out (counted, logged).
 
         Cells are batched in order of their object count, so that a batch's object slots are
@@ -628,19 +608,23 @@ class Localizer:
         parts = []
         bs = max(self.batch_size, 1)
         order = np.argsort([len(c.objects) for c in cells], kind="stable")
-        for start in tqdm(range(0, len(cells), bs), desc="embedding map cells", disable=not progress,
-                          unit="batch", leave=False):
-            chunk = [cells[i] for i in order[start:start + bs]]
-            batch = cells_to_batch(chunk, max_objects=cfg.max_objects, num_points=cfg.num_points,
-                                   rng=None).trimmed().to(self.device)
-            parts.append(_pad_objects(self.coarse.encode_cells(batch), cfg.max_objects))
-        inverse = torch.from_numpy(np.argsort(order, kind="stable")).to(self.device)
-        index = _take(_concat(parts), inverse)
-        finite = torch.ones(len(cells), dtype=torch.bool, device=self.device)
-        for f in dataclasses.fields(index):
-            t = getattr(index, f.name)
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape[:1] == (len(cells),):
-                finite &= torch.isfinite(t.reshape(len(cells), -1)).all(dim=1)
+        finite = torch.empty(len(cells), dtype=torch.bool, device=self.device)
+        with torch.no_grad():
+            for start in tqdm(range(0, len(cells), bs), desc="embedding map cells", disable=not progress,
+                              unit="batch", leave=False):
+                chunk = [cells[i] for i in order[start:start + bs]]
+                batch = cells_to_batch(chunk, max_objects=cfg.max_objects, num_points=cfg.num_points,
+                                       rng=None).trimmed().to(self.device)
+                part = self.coarse.encode_cells(batch).packed()
+                # a cell is kept when its global vector and every vector of its real objects is finite
+                ok = torch.isfinite(part.global_).all(dim=1)
+                for rows in (part.objects, part.relations):
+                    if rows is not None:
+                        ok[part.cell[~torch.isfinite(rows).all(dim=1)]] = False
+                finite[torch.from_numpy(order[start:start + bs]).to(self.device)] = ok
+                parts.append(part)
+            index = self._packed_in_map_order(parts, order)
+            del parts
         if not bool(finite.all()):
             bad = (~finite).nonzero().reshape(-1).tolist()
             self.nonfinite["cell_embedding"] += len(bad)
@@ -650,9 +634,39 @@ class Localizer:
                 raise NonFiniteOutputError(
                     f"no cell of the {len(cells)} has a finite embedding (cell data out of range, or a damaged model)")
             keep = finite.nonzero().reshape(-1)
-            index = _take(index, keep)
+            index = index.select(keep)
             cells = [cells[i] for i in keep.tolist()]
         return cells, index
+
+    def _packed_in_map_order(self, parts: list, order: np.ndarray):
+        """One PackedCellEmbedding of the map from the packed embeddings ``parts`` of the cells
+        ``order`` (map indices, part after part): every row copied once, straight to its place."""
+        from spatialoc_ros.models.coarse import PackedCellEmbedding
+
+        n, width, dev = len(order), self.coarse_cfg.max_objects, self.device
+        where = torch.from_numpy(order).to(dev)
+        mask = torch.zeros((n, width), dtype=torch.bool, device=dev)
+        global_ = torch.empty((n, parts[0].global_.shape[1]), dtype=parts[0].global_.dtype, device=dev)
+        at = 0
+        for p in parts:
+            mask[where[at:at + len(p)], :p.mask.shape[1]] = p.mask
+            global_[where[at:at + len(p)]] = p.global_
+            at += len(p)
+        counts = mask.sum(dim=1)
+        first = torch.cumsum(counts, dim=0) - counts  # where each cell's rows begin in map order
+        rows = int(counts.sum())
+        out = {name: None if getattr(parts[0], name) is None else
+               torch.empty((rows, getattr(parts[0], name).shape[1]), dtype=getattr(parts[0], name).dtype, device=dev)
+               for name in ("objects", "relations")}
+        at = 0
+        for p in parts:
+            # row r of the part: slot r - start[cell] of its cell, whose rows begin at first[map index]
+            dest = first[where[at:at + len(p)]][p.cell] + torch.arange(len(p.objects), device=dev) - p.start[p.cell]
+            for name, t in out.items():
+                if t is not None:
+                    t[dest] = getattr(p, name)
+            at += len(p)
+        return PackedCellEmbedding(global_, mask, out["objects"], out["relations"])
 
     def _build_vector_index(self, descriptors: torch.Tensor, cache_path: Optional[str]):
         """The short-list index over the map's global descriptors; a FAISS index reuses (or writes)
@@ -697,9 +711,9 @@ class Localizer:
     def _cache_fields(self, with_relations: bool) -> tuple[dict, Optional[dict]]:
         cfg = self.coarse_cfg
         D, O = self.coarse.embed_dim, cfg.max_objects
-        index = {"global_": ("f", (D,)), "objects": ("f", (O, D)), "mask": ("b", (O,))}
+        index = {"global_": ("f", (D,)), "mask": ("b", (O,)), "objects": ("f", (D,))}  # objects: packed rows
         if getattr(self.coarse, "use_beose", False):
-            index["relations"] = ("f", (O, D))
+            index["relations"] = ("f", (D,))
         relations = None
         if with_relations:
             relations = {"placed": ("i", None), "label": ("i", (O,)), "colour": ("i", (O,)), "mask": ("b", (O,))}
@@ -709,8 +723,7 @@ class Localizer:
         from spatialoc_ros.models import embedding_cache
 
         try:
-            embedding_cache.save(path, [c.id for c in cells],
-                                 {f.name: getattr(index, f.name) for f in dataclasses.fields(index)},
+            embedding_cache.save(path, [c.id for c in cells], index.tensors,
                                  None if relations is None else
                                  {f.name: getattr(relations, f.name) for f in dataclasses.fields(relations)})
             _log.info("map embedding of %d cells cached in %s", len(cells), path)
@@ -718,9 +731,9 @@ class Localizer:
             _log.warning("could not write the embedding cache %s (%s); continuing without it", path, e)
 
     def _load_cached_map(self, path: str, cells: list, with_relations: bool):
-        """(kept cells, CellEmbedding, CellRelations or None) from the cache, or None."""
+        """(kept cells, PackedCellEmbedding, CellRelations or None) from the cache, or None."""
         from spatialoc_ros.models import embedding_cache
-        from spatialoc_ros.models.coarse import CellEmbedding
+        from spatialoc_ros.models.coarse import PackedCellEmbedding
         from spatialoc_ros.models.geometry import CellRelations
 
         index_fields, relation_fields = self._cache_fields(with_relations)
@@ -732,8 +745,7 @@ class Localizer:
         kept = [by_id[i] for i in ids]
         if len(kept) < len(cells):
             self.nonfinite["cell_embedding"] += len(cells) - len(kept)
-        emb = CellEmbedding(**{f.name: (index[f.name].to(self.device) if f.name in index else None)
-                               for f in dataclasses.fields(CellEmbedding)})
+        emb = PackedCellEmbedding(**{k: v.to(self.device) for k, v in index.items()})
         relations = None if rel is None else CellRelations(**{k: v.to(self.device) for k, v in rel.items()})
         _log.info("map embedding of %d cells loaded from the cache %s", len(kept), path)
         return kept, emb, relations
@@ -742,7 +754,6 @@ class Localizer:
         """Forget the map and its embedding (a deactivated node holds none)."""
         self._cells = None
         self._index = None
-        self._packed_index = None
         self._relations = None
         self._hint_lookup = None
         self._vector_index = None
@@ -766,9 +777,8 @@ class Localizer:
         return scores + self.relation_weight * geo
 
     def _map_embedding(self):
-        """What scoring one query against every cell reads: the packed embedding when set_map made
-        one, else the padded one (the same values)."""
-        return self._index if self._packed_index is None else self._packed_index
+        """What scoring a query against every cell reads: the map's packed embedding."""
+        return self._index
 
     def _map_geometry(self):
         """The map's geometric level for a query against every cell: its HintLookup when set_map
@@ -824,7 +834,7 @@ class Localizer:
         _, cand = self._vector_index.search(text_emb.global_, max(self.preselect_top, k))  # (B, M)
         idx_out, val_out, prob_out = [], [], []
         for b in range(cand.shape[0]):
-            sub = _take(self._index, cand[b])
+            sub = self._index.take(cand[b])  # the short list, padded
             sims = self.coarse.similarity(_take(text_emb, slice(b, b + 1)), sub)
             scores = self._rankable(self._with_relations(self.coarse.combined_scores(sims), hints[b:b + 1], cand[b]))
             top, val, prob = self._top(scores, k, hints[b:b + 1])  # (1, k) each

@@ -42,24 +42,44 @@ def test_read_npz_refuses_damage_compression_and_objects(tmp_path):
         ec.read_npz(str(tmp_path / "o.npz"))
 
 
-def _index(zero_padding=True):
+def test_large_arrays_are_mapped_checked_and_private(tmp_path, monkeypatch):
+    monkeypatch.setattr(ec, "_MAP_BYTES", 48)  # every array of 48 bytes or more is mapped
+    arrays = _arrays()
+    path = tmp_path / "t.npz"
+    np.savez(path, **arrays)
+    before = path.read_bytes()
+    got = ec.read_npz(str(path))
+    assert isinstance(got["a"], np.memmap) and isinstance(got["f"], np.memmap) and not isinstance(got["b"], np.memmap)
+    for k, v in arrays.items():
+        assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k
+    t = torch.from_numpy(got["a"])
+    t += 1.0  # the process's own copy: the file is unchanged
+    assert path.read_bytes() == before
+    raw = bytearray(before)
+    raw[raw.find(arrays["f"].tobytes(order="F")) + 9] ^= 1
+    (tmp_path / "bad.npz").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="CRC"):
+        ec.read_npz(str(tmp_path / "bad.npz"))
+    (tmp_path / "short.npz").write_bytes(before[:before.find(arrays["f"].tobytes(order="F")) + 20])
+    with pytest.raises(Exception):  # a cut file: its directory is gone (zipfile) or a member ends early
+        ec.read_npz(str(tmp_path / "short.npz"))
+
+
+def _index():
     g = torch.Generator().manual_seed(0)
     mask = torch.tensor([[True, True, False], [True, False, False]])
-    objects = torch.randn(2, 3, 4, generator=g) * mask.unsqueeze(-1)
-    if not zero_padding:
-        objects[1, 2, 0] = 1.0
-    return {"global_": torch.randn(2, 4, generator=g), "objects": objects, "mask": mask}
+    return {"global_": torch.randn(2, 4, generator=g), "mask": mask, "objects": torch.randn(3, 4, generator=g)}
 
 
-@pytest.mark.parametrize("zero_padding", [True, False])
-def test_packed_fields_come_back_exactly(tmp_path, zero_padding):
+_FIELDS = {"global_": ("f", (4,)), "mask": ("b", (3,)), "objects": ("f", (4,))}
+
+
+def test_packed_fields_come_back_exactly(tmp_path):
     path = str(tmp_path / "m.npz")
-    index = _index(zero_padding)
+    index = _index()
     ec.save(path, ["c0", "c1"], index, None)
-    names = set(ec.read_npz(path))
-    assert ("index.objects@packed" in names) == zero_padding  # non-zero padding is stored whole
-    fields = {"global_": ("f", (4,)), "objects": ("f", (3, 4)), "mask": ("b", (3,))}
-    ids, got, rel = ec.load(path, ["c0", "c1"], fields, None)
+    assert set(ec.read_npz(path)) == {"ids", "index.global_", "index.mask", "index.objects@packed"}
+    ids, got, rel = ec.load(path, ["c0", "c1"], _FIELDS, None)
     assert ids == ["c0", "c1"] and rel is None
     for k, v in index.items():
         assert torch.equal(got[k], v), k
@@ -71,6 +91,62 @@ def test_packed_field_of_the_wrong_size_is_rebuilt(tmp_path, caplog):
     arrays = {"ids": np.array(["c0", "c1"]), "index.global_": index["global_"].numpy(),
               "index.mask": index["mask"].numpy(), "index.objects@packed": np.zeros((2, 4), np.float32)}
     np.savez(path, **arrays)  # 3 real slots in the mask, 2 rows
-    fields = {"global_": ("f", (4,)), "objects": ("f", (3, 4)), "mask": ("b", (3,))}
-    assert ec.load(path, ["c0", "c1"], fields, None) is None
-    assert "real slots" in caplog.text and "rebuilding" in caplog.text
+    assert ec.load(path, ["c0", "c1"], _FIELDS, None) is None
+    assert "for 3 rows" in caplog.text and "rebuilding" in caplog.text
+    caplog.clear()
+    arrays["index.objects"] = np.zeros((2, 3, 4), np.float32)  # a padded field is not what is read
+    del arrays["index.objects@packed"]
+    np.savez(path, **arrays)
+    assert ec.load(path, ["c0", "c1"], _FIELDS, None) is None
+    assert "index.objects@packed missing" in caplog.text
+
+
+def _cells():
+    from spatialoc_ros.data.kitti360pose import Cell, Object3d
+
+    g = np.random.default_rng(0)
+
+    def obj(k, n, label="pole"):
+        return Object3d(k, k, g.random((n, 3)).astype(np.float32), g.random((n, 3)).astype(np.float32), label)
+
+    return [Cell("c0", "s", [obj(0, 4), obj(1, 3, "building")], 30.0, np.array([0, 0, 0, 30, 30, 5.0])),
+            Cell("c1", "s", [obj(2, 5)], 30.0, np.array([30, 0, 0, 60, 30, 5.0]))]
+
+
+def test_map_digest_follows_every_part_of_the_content():
+    import copy
+
+    base = ec.map_digest(_cells())
+    assert ec.map_digest(_cells()) == base
+
+    def changed(edit):
+        cells = copy.deepcopy(_cells())
+        edit(cells)
+        return ec.map_digest(cells)
+
+    def nudge(cells):
+        cells[1].objects[0].xyz[2, 1] += 1e-6
+
+    def relabel(cells):
+        cells[0].objects[1].label = "pole"
+
+    def move_point(cells):  # the same bytes, split differently between two objects
+        a, b = cells[0].objects
+        both = np.concatenate([a.xyz, b.xyz]), np.concatenate([a.rgb, b.rgb])
+        a.xyz, b.xyz, a.rgb, b.rgb = both[0][:3], both[0][3:], both[1][:3], both[1][3:]
+
+    def widen(cells):
+        cells[0].objects[0].rgb = cells[0].objects[0].rgb.astype(np.float64)
+
+    def shift_box(cells):
+        cells[1].bbox_w = cells[1].bbox_w + 0.5
+
+    digests = {changed(e) for e in (nudge, relabel, move_point, widen, shift_box)}
+    assert len(digests) == 5 and base not in digests
+
+    def strided(cells):  # equal values in a non-contiguous array: the same content
+        o = cells[0].objects[0]
+        o.xyz = np.asfortranarray(o.xyz)
+        o.rgb = np.repeat(o.rgb, 2, axis=0)[::2]
+
+    assert changed(strided) == base

@@ -318,7 +318,7 @@ def test_embedding_cache_round_trip_and_rebuild(calibrated, small_city, tmp_path
         second.set_map(data.cells, progress=False, cache_dir=str(cache))
     assert "loaded from the cache" in caplog.text
     got = second.localize_many(texts, top_k=3)
-    for name in ("global_", "objects", "mask", "relations"):  # packed on disk, the same tensors back
+    for name in ("global_", "objects", "mask", "relations", "cell", "start"):  # the same tensors back
         assert torch.equal(getattr(first._index, name), getattr(second._index, name)), name
     with np.load(files[0], allow_pickle=False) as f:
         assert f["index.objects@packed"].shape == (int(first._index.mask.sum()), first._index.objects.shape[-1])

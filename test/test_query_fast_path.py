@@ -160,6 +160,42 @@ def test_packed_set_similarity_equals_the_padded_one():
         layers.SCORE_CHUNK_ELEMENTS = old
 
 
+def _padded_embedding(seed=1, B=9, O=6, D=5):
+    from spatialoc_ros.models.coarse import CellEmbedding
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, O, generator=g) < 0.5
+    mask[min(2, B - 1)] = False  # a cell without objects
+    mask[B - 1, O - 1] = True  # a real slot after padded ones
+    objects = torch.randn(B, O, D, generator=g) * mask[..., None]
+    relations = torch.randn(B, O, D, generator=g) * mask[..., None]
+    return CellEmbedding(torch.randn(B, D, generator=g), objects, mask, relations)
+
+
+def test_packed_embedding_take_select_and_cat_give_the_padded_tensors():
+    from spatialoc_ros.models.coarse import PackedCellEmbedding
+
+    padded = _padded_embedding()
+    packed = padded.packed()
+    assert packed.objects.shape == (int(padded.mask.sum()), 5) and packed.start[-1] == len(packed.objects)
+    idx = torch.tensor([7, 2, 5, 5, 0])  # any order, an empty cell, a repeat
+    got = packed.take(idx)
+    for name in ("global_", "objects", "mask", "relations"):
+        assert torch.equal(getattr(got, name), getattr(padded, name)[idx]), name
+    sub = packed.select(idx)
+    assert torch.equal(sub.cell, torch.repeat_interleave(torch.arange(5), padded.mask[idx].sum(1)))
+    assert torch.equal(sub.take(torch.arange(5)).objects, padded.objects[idx])
+    # concatenated parts of narrower masks: padded with False to the width asked for
+    a, b = padded.index(slice(0, 4)), padded.index(slice(4, 9))
+    narrow = _padded_embedding(seed=2, B=3, O=4)
+    joined = PackedCellEmbedding.cat([a.packed(), b.packed(), narrow.packed()], width=6)
+    assert joined.mask.shape == (12, 6) and not joined.mask[9:, 4:].any()
+    assert torch.equal(joined.take(torch.arange(9)).relations, padded.relations)
+    assert torch.equal(joined.take(torch.arange(9, 12)).objects[:, :4], narrow.objects)
+    with pytest.raises(ValueError, match="one row per real slot"):
+        PackedCellEmbedding(padded.global_, padded.mask, packed.objects[1:])
+
+
 @pytest.mark.parametrize("heads", [1, 4])
 def test_attention_written_out_equals_the_module(heads):
     torch.manual_seed(heads)
@@ -199,11 +235,11 @@ def test_fast_path_gives_the_slow_paths_hypotheses(tiny):
     from spatialoc_ros.inference import Localizer
 
     loc, cells, texts = tiny
-    assert loc._packed_index is not None and loc._hint_lookup is not None and loc._fine_tokens is not None
+    assert loc._hint_lookup is not None and loc._fine_tokens is not None
     fast = loc.localize_many(texts, top_k=4)
     slow = Localizer.from_checkpoints(device="cpu", preselect_above=len(cells) - 1, preselect_top=len(cells))
-    slow.set_map(cells, progress=False)  # no packed index, no object tokens: the padded tensors
-    assert slow._packed_index is None and slow._fine_tokens is None
+    slow.set_map(cells, progress=False)  # a short list of every cell (padded), no object tokens
+    assert slow._hint_lookup is None and slow._fine_tokens is None
     ref = slow.localize_many(texts, top_k=4)
     for a, b in zip(fast, ref):
         assert [h.cell_id for h in a] == [h.cell_id for h in b]

@@ -92,29 +92,89 @@ class CellEmbedding:
         return CellEmbedding(*[None if c[0] is None else torch.cat(c, dim=0) for c in columns])
 
     def packed(self) -> "PackedCellEmbedding":
-        """The same embedding with the padded object slots left out (for scoring all cells)."""
-        cell, slot = self.mask.nonzero(as_tuple=True)
-        return PackedCellEmbedding(
-            global_=self.global_,
-            objects=self.objects[cell, slot].contiguous(),
-            cell=cell,
-            relations=None if self.relations is None else self.relations[cell, slot].contiguous(),
-        )
+        """The same embedding with the padded object slots left out (see PackedCellEmbedding)."""
+        return PackedCellEmbedding(global_=self.global_, mask=self.mask, objects=self.objects[self.mask],
+                                   relations=None if self.relations is None else self.relations[self.mask])
 
 
-@dataclass
 class PackedCellEmbedding:
-    """A CellEmbedding's real object vectors only, in cell order: the form
-    :meth:`CoarseModel.similarity` reads fastest when one query is scored against a whole map
-    (no padded slot is read). Built by :meth:`CellEmbedding.packed`."""
+    """A map's CellEmbedding with its real object vectors only: what a Localizer keeps for a map.
 
-    global_: torch.Tensor  # (B, D)
-    objects: torch.Tensor  # (R, D), the real slots of every cell
-    cell: torch.Tensor  # (R,) long, the cell of each row
-    relations: Optional[torch.Tensor] = None  # (R, D)
+    ``objects`` / ``relations`` (R, D) hold the vectors of the True slots of ``mask`` (B, O), cell
+    after cell and slot after slot within a cell (``emb.objects[emb.mask]``), so that scoring one
+    query against a whole map reads no padded slot (:meth:`CoarseModel.similarity` takes it as it
+    is) and a city map needs memory for its real objects only. :meth:`take` gives back the padded
+    CellEmbedding of some cells (a short list), :meth:`select` a packed subset in any order.
+    ``cell`` (R,) is the cell of each row and ``start`` (B + 1,) where each cell's rows begin.
+    """
+
+    def __init__(self, global_: torch.Tensor, mask: torch.Tensor, objects: torch.Tensor,
+                 relations: Optional[torch.Tensor] = None) -> None:
+        if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != global_.shape[0]:
+            raise ValueError(f"mask must be (B, O) bool for {global_.shape[0]} cells, got {mask.dtype} {tuple(mask.shape)}")
+        counts = mask.sum(dim=1)
+        self.start = torch.zeros(len(counts) + 1, dtype=torch.long, device=mask.device)
+        torch.cumsum(counts, dim=0, out=self.start[1:])
+        rows = int(self.start[-1])
+        for name, t in (("objects", objects), ("relations", relations)):
+            if t is not None and (t.dim() != 2 or t.shape[0] != rows):
+                raise ValueError(f"{name} must have one row per real slot ({rows}), got {tuple(t.shape)}")
+        self.global_, self.mask, self.objects, self.relations = global_, mask, objects, relations
+        self.cell = torch.repeat_interleave(torch.arange(len(counts), device=mask.device), counts)
 
     def __len__(self) -> int:
         return int(self.global_.shape[0])
+
+    @property
+    def tensors(self) -> dict:
+        """{name: tensor} of what defines the embedding (what a cache stores)."""
+        out = {"global_": self.global_, "mask": self.mask, "objects": self.objects}
+        if self.relations is not None:
+            out["relations"] = self.relations
+        return out
+
+    def to(self, device) -> "PackedCellEmbedding":
+        return PackedCellEmbedding(**{k: v.to(device) for k, v in self.tensors.items()})
+
+    def _rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows of the cells ``idx`` in that order, their counts)."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.start.device).reshape(-1)
+        first, counts = self.start[idx], self.start[idx + 1] - self.start[idx]
+        before = torch.cumsum(counts, dim=0) - counts  # where each cell's rows go in the result
+        total = int(counts.sum())
+        rows = torch.arange(total, device=idx.device) + torch.repeat_interleave(first - before, counts, output_size=total)
+        return idx, rows
+
+    def select(self, idx) -> "PackedCellEmbedding":
+        """The cells ``idx`` (indices, in that order; repeats allowed), packed."""
+        idx, rows = self._rows(idx)
+        return PackedCellEmbedding(self.global_[idx], self.mask[idx], self.objects[rows],
+                                   None if self.relations is None else self.relations[rows])
+
+    def take(self, idx) -> CellEmbedding:
+        """The padded CellEmbedding of the cells ``idx`` (zero vectors at the padded slots)."""
+        idx, rows = self._rows(idx)
+        mask = self.mask[idx]
+
+        def pad(t):
+            if t is None:
+                return None
+            out = t.new_zeros(tuple(mask.shape) + (t.shape[1],))
+            out[mask] = t[rows]
+            return out
+
+        return CellEmbedding(self.global_[idx], pad(self.objects), mask, pad(self.relations))
+
+    @staticmethod
+    def cat(parts: Sequence["PackedCellEmbedding"], width: Optional[int] = None) -> "PackedCellEmbedding":
+        """Concatenate along the cells; masks narrower than ``width`` slots (default: the widest)
+        are padded with False."""
+        width = max(p.mask.shape[1] for p in parts) if width is None else int(width)
+        masks = [p.mask if p.mask.shape[1] == width else
+                 torch.cat([p.mask, p.mask.new_zeros((len(p), width - p.mask.shape[1]))], dim=1) for p in parts]
+        rel = None if parts[0].relations is None else torch.cat([p.relations for p in parts])
+        return PackedCellEmbedding(torch.cat([p.global_ for p in parts]), torch.cat(masks),
+                                   torch.cat([p.objects for p in parts]), rel)
 
 
 def _values(obj) -> list:

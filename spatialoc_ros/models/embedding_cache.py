@@ -47,27 +47,39 @@ def model_digest(model: torch.nn.Module, cfg) -> str:
 
 def map_digest(cells: Sequence) -> str:
     """SHA-256 of the cells: ids, scenes, sizes, boxes and every object's label, points and colours
-    (their values, with the arrays' dtypes and lengths in a header). The cells are validated maps'
-    cells (every point array (N, 3), see :func:`spatialoc_ros.data.validation.validate_cells`), so
-    the lengths N give the shapes."""
-    objects = [o for cell in cells for o in cell.objects]
-    arrays = [np.asarray(a) for o in objects for a in (o.xyz, o.rgb)]
-    dtypes = {d.str for d in {a.dtype for a in arrays}}
-    header = [f"{c.id}|{c.scene_name}|{float(c.cell_size)!r}|{len(c.objects)}" for c in cells]
-    header.append("|".join(o.label for o in objects))
-    header.append(",".join(sorted(dtypes)) if len(dtypes) <= 1 else "".join(a.dtype.str for a in arrays))
+    (their bytes, with the arrays' dtypes and lengths). The cells are validated maps' cells (every
+    point array an (N, 3) ndarray, see :func:`spatialoc_ros.data.validation.validate_cells`), so the
+    lengths N give the shapes. One pass over the objects: a city map has millions of them."""
+    try:
+        return _map_digest(cells, contiguous=False)
+    except (BufferError, TypeError, ValueError):  # an array that is not C-contiguous: hash a copy
+        return _map_digest(cells, contiguous=True)
+
+
+def _map_digest(cells: Sequence, contiguous: bool) -> str:
+    points = hashlib.sha256()
+    update = points.update
+    header, labels, lengths, dtypes = [], [], [], []
+    for c in cells:
+        header.append(f"{c.id}|{c.scene_name}|{float(c.cell_size)!r}|{len(c.objects)}")
+        for o in c.objects:
+            xyz, rgb = o.xyz, o.rgb
+            if contiguous:
+                xyz, rgb = np.ascontiguousarray(xyz), np.ascontiguousarray(rgb)
+            update(xyz)  # the array's bytes
+            update(rgb)
+            labels.append(o.label)
+            lengths.append(len(xyz))
+            dtypes.append(xyz.dtype)
+            dtypes.append(rgb.dtype)
+    kinds = set(dtypes)
+    header.append("|".join(labels))
+    # one dtype for all arrays (the usual case), else each array's
+    header.append(next(iter(kinds)).str if len(kinds) == 1 else "".join(d.str for d in dtypes))
     h = hashlib.sha256("\n".join(header).encode())
-    h.update(np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays)).tobytes())
+    h.update(np.asarray(lengths, dtype=np.int64).tobytes())
     h.update(np.stack([np.asarray(c.bbox_w, dtype=np.float64) for c in cells]).tobytes())
-    if not arrays:
-        return h.hexdigest()
-    if len(dtypes) == 1:
-        # the bytes of the arrays one after the other: those of their concatenation, without
-        # building it (3.6x faster on a 30,000-cell map)
-        for a in arrays:
-            h.update(a if a.flags.c_contiguous else np.ascontiguousarray(a))
-    else:  # one common dtype holds every value exactly (float32 -> float64 is exact)
-        h.update(np.concatenate([a.reshape(-1) for a in arrays]).tobytes())
+    h.update(points.digest())
     return h.hexdigest()
 
 
@@ -79,26 +91,20 @@ def cache_path(cache_dir: str, key: str) -> str:
     return os.path.join(cache_dir, f"{_PREFIX}_{key[:32]}.npz")
 
 
-#: Per-object index fields (N, O, D) whose padded slots (``mask`` False) are zero vectors: stored as
-#: the rows of the real slots only (``<name>@packed``, (real objects, D)), about half the file of a
-#: city map, and padded back with zeros on load. A field with anything but zeros at a padded slot
-#: is stored whole.
+#: Per-object index fields, stored as the rows of the real slots of ``index.mask`` only
+#: (``index.<name>@packed``, (real objects, D)), as the Localizer keeps them
+#: (:class:`~spatialoc_ros.models.coarse.PackedCellEmbedding`).
 PACKED_FIELDS = ("objects", "relations")
 _PACKED = "@packed"
 
 
 def save(path: str, ids: Sequence[str], index: dict, relations: Optional[dict]) -> None:
-    """Write ``ids`` (the kept cells), the index arrays and the relations arrays atomically."""
+    """Write ``ids`` (the kept cells), the index arrays (``PACKED_FIELDS`` as their rows, see
+    :attr:`PackedCellEmbedding.tensors`) and the relations arrays atomically."""
     arrays = {"ids": np.asarray(list(ids), dtype=np.str_)}
-    mask = None if index.get("mask") is None else index["mask"].detach().cpu()
     for k, v in index.items():
-        if v is None:
-            continue
-        v = v.detach().cpu()
-        if k in PACKED_FIELDS and mask is not None and v.shape[:2] == mask.shape and not bool(v[~mask].any()):
-            arrays[f"index.{k}{_PACKED}"] = v[mask].numpy()
-        else:
-            arrays[f"index.{k}"] = v.numpy()
+        if v is not None:
+            arrays[f"index.{k}{_PACKED if k in PACKED_FIELDS else ''}"] = v.detach().cpu().numpy()
     if relations is not None:
         arrays.update({f"relations.{k}": v.detach().cpu().numpy() for k, v in relations.items()})
     _write_npz(path, arrays)
@@ -143,11 +149,18 @@ def _write_npz(path: str, arrays: dict) -> None:
         raise
 
 
+#: Arrays of at least this many bytes are mapped from the file (copy-on-write) rather than read
+#: into fresh memory: first touching fresh memory costs more than the file's bytes here (1.8 GB:
+#: 2.5-4.5 s read into fresh memory, 0.6 s mapped and checked).
+_MAP_BYTES = 1 << 24
+
+
 def read_npz(path: str) -> dict:
     """{name: array} of an uncompressed ``.npz`` as :func:`numpy.load` (``allow_pickle=False``)
     reads it, each member's CRC-32 checked, but every array read in one piece straight into its
     memory (numpy reads zip members in 256 KB chunks through two copies: 2.5x slower on a 3 GB map
-    cache). Raises ValueError for a member that is compressed, holds Python objects or does not
+    cache), arrays of ``_MAP_BYTES`` or more mapped copy-on-write from the file instead. Raises
+    ValueError for a member that is compressed, holds Python objects, is truncated or does not
     match its CRC."""
     out = {}
     with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
@@ -169,10 +182,20 @@ def read_npz(path: str) -> dict:
             header_len = raw.tell() - start
             raw.seek(start)
             crc = zlib.crc32(raw.read(header_len))
-            array = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
-            data = memoryview(array.reshape(-1, order="A").view(np.uint8))  # its bytes, in memory order
-            if header_len + len(data) != info.file_size or raw.readinto(data) != len(data):
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if header_len + size != info.file_size:
                 raise ValueError(f"member {info.filename!r} is truncated")
+            if size >= _MAP_BYTES:
+                # private pages of the file: written pages become the process's own copies; the
+                # file is only ever replaced (renamed over), never rewritten in place
+                array = np.memmap(raw, dtype=dtype, mode="c", offset=start + header_len, shape=shape,
+                                  order="F" if fortran else "C")
+                data = memoryview(array.reshape(-1, order="A").view(np.uint8))
+            else:
+                array = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+                data = memoryview(array.reshape(-1, order="A").view(np.uint8))  # its bytes, in memory order
+                if raw.readinto(data) != len(data):
+                    raise ValueError(f"member {info.filename!r} is truncated")
             if zlib.crc32(data, crc) != info.CRC:
                 raise ValueError(f"member {info.filename!r} fails its CRC check")
             out[info.filename[:-len(".npy")]] = array
@@ -188,27 +211,15 @@ def _check(key: str, arr: np.ndarray, kind: str, rows: int, tail: Optional[tuple
         raise ValueError(f"{key} has non-finite values")
 
 
-def _unpack(rows: np.ndarray, mask: Optional[torch.Tensor], kind: str, tail: Optional[tuple], key: str) -> torch.Tensor:
-    """(real slots, D) rows of a packed field, checked -> (N, O, D) with zeros at the padded slots
-    of ``mask``."""
-    if mask is None:
-        raise ValueError(f"{key} is packed but the index has no mask")
-    real = int(mask.sum())
-    _check(f"{key}{_PACKED} (for a mask of {real} real slots)", rows, kind, real, None if tail is None else tail[1:])
-    if tail is not None and tuple(mask.shape[1:]) != tail[:1]:
-        raise ValueError(f"{key}{_PACKED} is for {tail[0]} slots per cell, the mask has {tuple(mask.shape[1:])}")
-    full = torch.zeros(tuple(mask.shape) + tuple(rows.shape[1:]), dtype=torch.from_numpy(rows[:0]).dtype)
-    full[mask] = torch.from_numpy(rows)
-    return full
-
-
 def load(path: str, cell_ids: Sequence[str], index_fields: dict, relation_fields: Optional[dict]):
     """(kept ids, index tensors, relations tensors or None), or None when the file is absent or fails
     a check (logged: the caller rebuilds it).
 
     ``index_fields`` / ``relation_fields``: name -> (dtype kind 'f' | 'b' | 'i', trailing shape or
-    None for any) of the arrays the map needs; ``cell_ids``: the map's cells, of which the kept ids
-    must be a subsequence (cells dropped for non-finite embeddings are not in the file).
+    None for any) of the arrays the map needs, a name of ``PACKED_FIELDS`` with the trailing shape
+    of one row (one row per True slot of ``index.mask``, which the index fields must include);
+    ``cell_ids``: the map's cells, of which the kept ids must be a subsequence (cells dropped for
+    non-finite embeddings are not in the file).
     """
     if not os.path.isfile(path):
         return None
@@ -226,13 +237,16 @@ def load(path: str, cell_ids: Sequence[str], index_fields: dict, relation_fields
             part = {}
             for name, (kind, tail) in sorted(fields.items(), key=lambda kv: kv[0] in PACKED_FIELDS):
                 key = f"{group}.{name}"
-                if group == "index" and name in PACKED_FIELDS and key + _PACKED in files:
-                    part[name] = _unpack(files[key + _PACKED], part.get("mask"), kind, tail, key)
-                    continue
+                rows = len(ids)
+                if group == "index" and name in PACKED_FIELDS:
+                    if "mask" not in part:
+                        raise ValueError(f"{key} is packed but the index has no mask")
+                    key += _PACKED
+                    rows = int(part["mask"].sum())
                 if key not in files:
                     raise ValueError(f"{key} missing")
                 arr = files[key]
-                _check(key, arr, kind, len(ids), tail)
+                _check(f"{key} (for {rows} rows)", arr, kind, rows, tail)
                 part[name] = torch.from_numpy(np.ascontiguousarray(arr))
             out[group] = part
         return ids, out["index"], (out["relations"] if relation_fields else None)
