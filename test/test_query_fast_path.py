@@ -172,7 +172,7 @@ def _padded_embedding(seed=1, B=9, O=6, D=5):
     return CellEmbedding(torch.randn(B, D, generator=g), objects, mask, relations)
 
 
-def test_packed_embedding_take_select_and_cat_give_the_padded_tensors():
+def test_packed_embedding_take_and_select_give_the_padded_tensors():
     from spatialoc_ros.models.coarse import PackedCellEmbedding
 
     padded = _padded_embedding()
@@ -185,13 +185,6 @@ def test_packed_embedding_take_select_and_cat_give_the_padded_tensors():
     sub = packed.select(idx)
     assert torch.equal(sub.cell, torch.repeat_interleave(torch.arange(5), padded.mask[idx].sum(1)))
     assert torch.equal(sub.take(torch.arange(5)).objects, padded.objects[idx])
-    # concatenated parts of narrower masks: padded with False to the width asked for
-    a, b = padded.index(slice(0, 4)), padded.index(slice(4, 9))
-    narrow = _padded_embedding(seed=2, B=3, O=4)
-    joined = PackedCellEmbedding.cat([a.packed(), b.packed(), narrow.packed()], width=6)
-    assert joined.mask.shape == (12, 6) and not joined.mask[9:, 4:].any()
-    assert torch.equal(joined.take(torch.arange(9)).relations, padded.relations)
-    assert torch.equal(joined.take(torch.arange(9, 12)).objects[:, :4], narrow.objects)
     with pytest.raises(ValueError, match="one row per real slot"):
         PackedCellEmbedding(padded.global_, padded.mask, packed.objects[1:])
 

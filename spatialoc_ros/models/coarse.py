@@ -137,7 +137,7 @@ class PackedCellEmbedding:
         return PackedCellEmbedding(**{k: v.to(device) for k, v in self.tensors.items()})
 
     def _rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows of the cells ``idx`` in that order, their counts)."""
+        """(``idx`` as a long tensor, the rows of those cells in that order)."""
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.start.device).reshape(-1)
         first, counts = self.start[idx], self.start[idx + 1] - self.start[idx]
         before = torch.cumsum(counts, dim=0) - counts  # where each cell's rows go in the result
@@ -164,17 +164,6 @@ class PackedCellEmbedding:
             return out
 
         return CellEmbedding(self.global_[idx], pad(self.objects), mask, pad(self.relations))
-
-    @staticmethod
-    def cat(parts: Sequence["PackedCellEmbedding"], width: Optional[int] = None) -> "PackedCellEmbedding":
-        """Concatenate along the cells; masks narrower than ``width`` slots (default: the widest)
-        are padded with False."""
-        width = max(p.mask.shape[1] for p in parts) if width is None else int(width)
-        masks = [p.mask if p.mask.shape[1] == width else
-                 torch.cat([p.mask, p.mask.new_zeros((len(p), width - p.mask.shape[1]))], dim=1) for p in parts]
-        rel = None if parts[0].relations is None else torch.cat([p.relations for p in parts])
-        return PackedCellEmbedding(torch.cat([p.global_ for p in parts]), torch.cat(masks),
-                                   torch.cat([p.objects for p in parts]), rel)
 
 
 def _values(obj) -> list:
