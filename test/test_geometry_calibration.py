@@ -208,9 +208,17 @@ def test_calibration_is_stored_and_used(calibrated, small_city):
     loc.set_map(data.cells, progress=False)
     texts = [query_text(p) for p in data.poses[:20]]
     learned, geo = loc.score_levels(texts)
+    shares = loc.selection_shares(texts)
+    assert loc.selection_weight == result["selection_weight"]
     hyps = loc.localize_many(texts, top_k=5)
-    for row, l_row, g_row in zip(hyps, learned, geo):
+    from spatialoc_ros.inference import SELECTION_SHORTLIST
+
+    for row, l_row, g_row, s_row in zip(hyps, learned, geo, shares):
         scores = l_row + loc.relation_weight * g_row
+        # the selection rule on the short list of the best cells by the other levels
+        top = np.argsort(-scores, kind="stable")[:SELECTION_SHORTLIST]
+        scores[top] = calibrate.combined(l_row[top][None], g_row[top][None], loc.relation_weight,
+                                         s_row[top][None], loc.selection_weight)[0]
         assert row[0].cell_id == data.cells[int(np.argmax(scores))].id
         assert row[0].num_hints == 6
         p = np.exp((scores - scores.max()) / loc.calibrated("temperature", 6))
@@ -373,3 +381,109 @@ def test_relations_blocks_and_point_subsets(monkeypatch):
             want = [geometry.DIRECTIONS.index(direction_of(pts[np.argmin(((pts - g) ** 2).sum(axis=1))], g))
                     for g in grid]
             assert geometry._unpack_bits(base.placed[n, o], len(grid)).int().argmax(dim=0).tolist() == want
+
+
+def _nearest_keys_by_hand(cell, grid):
+    """(G, NEAREST) hint keys of the NEAREST kept objects at each grid position, computed
+    object by object from the data set's rule (-1 past the cell's objects)."""
+    from spatialoc_ros.models.cell_tensors import _kept_objects
+
+    objs = _kept_objects([o for o in cell.objects if o.label != "pad"], 28)
+    out = np.full((len(grid), geometry.NEAREST), -1)
+    for g, pos in enumerate(grid):
+        found = []
+        for o, obj in enumerate(objs):
+            pts = geometry._object_points(obj.xyz, geometry.MAX_POINTS)
+            d2 = ((pts - pos) ** 2).sum(axis=1)
+            cp = pts[np.argmin(d2)]
+            key = geometry.hint_key(geometry.CLASS_TO_INDEX[obj.label],
+                                    int(geometry.colour_index(np.asarray(obj.rgb).mean(axis=0))),
+                                    geometry.DIRECTIONS.index(direction_of(cp, pos)))
+            found.append((float(np.float32(d2.min())), o, key))
+        found.sort()
+        for k, (_, _, key) in enumerate(found[:geometry.NEAREST]):
+            out[g, k] = key
+    return out
+
+
+def test_nearest_objects_match_the_rule_object_by_object(small_city):
+    from spatialoc_ros.data.loading import load_split
+
+    cells = load_split(small_city, "val").cells[:4]
+    rel = geometry.cell_relations(cells)
+    grid = geometry.candidate_grid()
+    assert rel.nearest.shape == (4, len(grid), geometry.NEAREST) and rel.nearest.dtype == torch.int16
+    for n, cell in enumerate(cells):
+        want = _nearest_keys_by_hand(cell, grid)
+        got = rel.nearest[n].numpy()
+        # the same set of keys at every position (the order of exact distance ties may differ)
+        assert (np.sort(got, axis=1) == np.sort(want, axis=1)).mean() > 0.99
+
+
+def test_selection_matches_only_where_the_hints_are_the_nearest_objects():
+    # two buildings east of the centre: a gray one close by and a black one far away
+    cell = _cell("0003_00000", [_obj(0, "building", (0.6, 0.5), GRAY), _obj(1, "building", (0.95, 0.5), BLACK),
+                                _obj(2, "pole", (0.5, 0.6), BLACK), _obj(3, "pole", (0.4, 0.5), GRAY),
+                                _obj(4, "lamp", (0.5, 0.4), GRAY), _obj(5, "box", (0.45, 0.45), GRAY),
+                                _obj(6, "fence", (0.55, 0.55), BLACK), _obj(7, "stop", (0.05, 0.05), BLACK)])
+    rel = geometry.cell_relations([cell])
+    grid = geometry.candidate_grid()
+    centre = int(np.argmin(np.linalg.norm(grid - 0.5, axis=1)))
+    near = [Hint("west", "gray", "building"), Hint("south", "black", "pole"), Hint("east", "gray", "pole")]
+    m = geometry.selection_matches(near, rel)
+    assert m.shape == (1, len(grid)) and bool(m[0, centre])
+    # every matched position satisfies every hint
+    sat = geometry.satisfied_hints(near, rel).all(dim=1)
+    assert bool((sat | ~m).all())
+    # the far black building satisfies its hint at the centre but is not among the six nearest
+    far = [Hint("west", "black", "building"), Hint("south", "black", "pole")]
+    assert bool(geometry.satisfied_hints(far, rel)[0, :, centre].all())
+    assert not bool(geometry.selection_matches(far, rel)[0, centre])
+    # no colour: any colour of the class; two hints need two distinct objects
+    assert bool(geometry.selection_matches([Hint("west", None, "building")], rel)[0, centre])
+    assert not bool(geometry.selection_matches([Hint("west", "gray", "building")] * 2, rel)[0, centre])
+    assert not bool(geometry.selection_matches([Hint("west", "gray", "building"), Hint("west", None, "building")],
+                                               rel)[0, centre])
+    assert bool(geometry.selection_matches([Hint("east", "gray", "pole"), Hint("east", None, "pole")] [:1] +
+                                           [Hint("south", None, "pole")], rel)[0, centre])
+    with pytest.raises(ValueError):
+        geometry.selection_matches([], rel)
+
+
+def test_selection_term_weights_matched_positions():
+    geo = torch.tensor([0.9, 0.9, 0.5], dtype=torch.float64)
+    share = torch.tensor([0.0, 0.2, 0.2], dtype=torch.float64)
+    assert torch.equal(geometry.with_selection(geo, share, 0.0), geo)
+    got = geometry.with_selection(geo, share, 10.0, sharpness=8.0)
+    want = 1 + torch.log(torch.exp(8.0 * (geo - 1)) + 10.0 * share) / 8.0
+    torch.testing.assert_close(got, want)
+    assert got[0] == geo[0] and got[1] > geo[1] and got[2] > geo[2]
+    with pytest.raises(ValueError):
+        geometry.with_selection(geo, share, -1.0)
+    # in the refinement, matched positions pull the Gaussian towards them
+    grid = geometry.candidate_grid()
+    share_g = np.ones((1, len(grid)))
+    target = np.argmin(np.linalg.norm(grid - [0.6, 0.55], axis=1))
+    match = np.zeros((1, len(grid)), dtype=bool)
+    match[0, target] = True
+    mean, cov = np.array([[0.5, 0.5]]), np.eye(2)[None] * 0.05 ** 2
+    m0, _ = geometry.refine_in_cell(share_g, grid, mean, cov, 16.0)
+    m1, _ = geometry.refine_in_cell(share_g, grid, mean, cov, 16.0, match, 100.0)
+    assert np.linalg.norm(m1[0] - grid[target]) < 0.8 * np.linalg.norm(m0[0] - grid[target])
+    m2, _ = geometry.refine_in_cell(share_g, grid, mean, cov, 16.0, match, 0.0)  # weight 0: no effect
+    np.testing.assert_allclose(m2, m0)
+
+
+def test_fit_calibration_picks_an_informative_selection_rule():
+    rng = np.random.default_rng(2)
+    q, n = 400, 30
+    true = rng.integers(0, n, size=q)
+    learned = rng.normal(size=(q, n))
+    geo = np.full((q, n), 0.9)
+    shares = rng.random((q, n)) * 0.02
+    shares[np.arange(q), true] = 0.3  # the selection rule knows
+    res = calibrate.fit_calibration(learned, geo, true, shares=shares)
+    assert res["selection_weight"] > 0 and res["relation_weight"] > 0
+    assert res["val_recall@1"] > res["val_recall@1_learned_only"] + 0.3
+    off = calibrate.fit_calibration(learned, geo, true)  # without shares the rule is off
+    assert off["selection_weight"] == 0.0

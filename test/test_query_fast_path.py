@@ -51,7 +51,8 @@ def _random_relations(seed, N=23, O=9, grid_size=121, labels=4, colours=3):
     mask = torch.rand(N, O, generator=g) < 0.7
     mask[0] = False  # a cell without objects
     label[~mask] = geometry.PAD_INDEX
-    return geometry.CellRelations(placed, label, colour, mask)
+    nearest = torch.full((N, grid_size, geometry.NEAREST), -1, dtype=torch.int16)  # not read here
+    return geometry.CellRelations(placed, label, colour, mask, nearest)
 
 
 def _random_hints(seed, count, labels=4, colours=3):
@@ -100,7 +101,8 @@ def test_binding_refuses_bad_sharpness_and_a_lookup_of_an_empty_map():
         geometry.binding_scores(_random_hints(0, 2), rel, sharpness=0.0)
     with pytest.raises(ValueError, match="sharpness"):
         geometry.binding_scores(_random_hints(0, 2), rel, sharpness=1e4)
-    empty = geometry.CellRelations(rel.placed[:2], rel.label[:2], rel.colour[:2], torch.zeros(2, rel.mask.shape[1], dtype=torch.bool))
+    empty = geometry.CellRelations(rel.placed[:2], rel.label[:2], rel.colour[:2],
+                                   torch.zeros(2, rel.mask.shape[1], dtype=torch.bool), rel.nearest[:2])
     lookup = geometry.HintLookup.build(empty)
     hints = _random_hints(0, 3)
     assert torch.equal(lookup.hint_words(hints), torch.zeros(2, 3, rel.placed.shape[-1], dtype=torch.int64))

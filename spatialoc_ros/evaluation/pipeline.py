@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--relation_weight", type=finite_float, default=None,
                    help="override the geometric level's weight stored in the coarse checkpoint (0 = the "
                    "learned levels alone: the ablation)")
+    g.add_argument("--selection_weight", type=finite_float, default=None,
+                   help="override the weight of the 'closest' selection rule in the geometric level, stored in "
+                   "the coarse checkpoint (0 = off: the ablation)")
     g.add_argument("--refine_sharpness", type=finite_float, default=None,
                    help="sharpness of the geometric in-cell refinement (default: the Localizer's; 0 = off: "
                    "the ablation)")
@@ -276,11 +279,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     check_number(parser, "--estimate_top_k", args.estimate_top_k, low=1)
     check_number(parser, "--hint_counts", args.hint_counts, low=1)
     check_number(parser, "--relation_weight", args.relation_weight, *EXTRA_RANGES["relation_weight"][1:])
+    check_number(parser, "--selection_weight", args.selection_weight, *EXTRA_RANGES["selection_weight"][1:])
     check_number(parser, "--temperature", args.temperature, *EXTRA_RANGES["temperature"][1:])
     check_number(parser, "--refine_sharpness", args.refine_sharpness, 0.0, 1e3)
     if args.index == "faiss" and not faiss_available():
         parser.error(FAISS_INSTALL_HINT)
-    overrides = {k: getattr(args, k) for k in ("sigma_scale", "relation_weight", "temperature", "refine_sharpness")
+    overrides = {k: getattr(args, k) for k in ("sigma_scale", "relation_weight", "selection_weight", "temperature",
+                                                 "refine_sharpness")
                  if getattr(args, k) is not None}
     localizer = Localizer.from_checkpoints(path_coarse, path_fine, text_model=args.text_model,
                                            device=str(device), batch_size=args.batch_size, index=args.index,
@@ -294,6 +299,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     data = load_split(resolve_data(args), split, with_direction=False)
     print(f"[eval] {split}: {len(data.poses)} queries, {len(data.cells)} cells ({', '.join(data.scenes)}) "
           f"on {device}; sigma scale {localizer.sigma_scale:.3f}, relation weight {localizer.relation_weight:g}, "
+          f"selection weight {localizer.selection_weight:g}, "
           f"temperature {localizer.temperature:.3f}")
     t0 = time.perf_counter()
     localizer.set_map(data.cells, progress=not args.no_progress)

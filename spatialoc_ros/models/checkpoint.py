@@ -28,6 +28,7 @@ EXTRA_RANGES: dict[str, tuple[type, float, float]] = {
     "sigma_scale": (float, 1e-2, 1e2),
     "max_tokens": (int, 1, 512),
     "relation_weight": (float, 0.0, 1e2),
+    "selection_weight": (float, 0.0, 1e4),
     "temperature": (float, 1e-3, 1e3),
     "mixture_within_scale": (float, 1e-2, 1e2),
     "mixture_spread_scale": (float, 1e-2, 1e2),

@@ -29,7 +29,7 @@ import torch
 _log = logging.getLogger(__name__)
 
 #: Bumped whenever what is cached, or how it is computed, changes.
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 _PREFIX = "map_embedding"
 
 

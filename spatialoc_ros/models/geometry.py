@@ -20,6 +20,13 @@ This module evaluates that rule directly, without learning, as one more retrieva
   hints satisfied there (the position marginalised out): 1 when every position explains every
   hint, about 1 - log(G) / sharpness when one does, lower when none does.
 
+* **The selection rule** -- :func:`selection_matches` / :func:`with_selection`: one of the data set's
+  three selection strategies names the six objects nearest the position, so a candidate position at
+  which the hints are exactly (a subset of) the cell's six nearest objects explains the text far
+  better than one where they merely lie in the stated directions; such positions get ``1 +
+  selection_weight`` times the weight (map time: the six nearest objects' keys per candidate,
+  ``CellRelations.nearest``).
+
 The score reads the words the learned levels ignore: flipping every direction word changes it. It
 depends on nothing but the map and the hints, so it carries over to cities of other generators
 as long as they follow the data set's rule. :meth:`Localizer` adds it to the learned levels with a
@@ -36,8 +43,8 @@ import torch
 from tqdm.auto import tqdm
 
 from spatialoc_ros.data.constants import (
-    CLASS_TO_INDEX, COLOR_CENTERS, COLOR_NAMES, DIRECTIONS, ON_TOP_DISTANCE, PAD_INDEX, PAD_LABEL,
-    UNIQUE_COLOR_NAMES,
+    CLASS_TO_INDEX, COLOR_CENTERS, COLOR_NAMES, DIRECTIONS, NUM_MENTIONED, ON_TOP_DISTANCE, PAD_INDEX,
+    PAD_LABEL, UNIQUE_COLOR_NAMES,
 )
 
 #: Candidate positions span this many cell units either side of the cell centre (5 m of a 30 m cell:
@@ -112,13 +119,17 @@ class CellRelations:
 
     ``placed`` (N, O, 5, W) int64: bit g set where the data set's rule puts candidate position g
     in that direction (index into DIRECTIONS) of the object; ``label`` (N, O) long class indices
-    (PAD_INDEX for empty slots); ``colour`` (N, O) long colour-name indices; ``mask`` (N, O) bool.
+    (PAD_INDEX for empty slots); ``colour`` (N, O) long colour-name indices; ``mask`` (N, O) bool;
+    ``nearest`` (N, G, NEAREST) int16: at each candidate position, the :func:`hint_key` (class,
+    colour, direction seen from there) of the cell's NEAREST objects there, nearest first, -1 where
+    the cell has fewer objects (:func:`selection_matches`).
     """
 
     placed: torch.Tensor
     label: torch.Tensor
     colour: torch.Tensor
     mask: torch.Tensor
+    nearest: torch.Tensor
 
     def to(self, device) -> "CellRelations":
         return CellRelations(*[getattr(self, f.name).to(device) for f in fields(self)])
@@ -139,6 +150,18 @@ def _object_points(xyz: np.ndarray, max_points: int) -> np.ndarray:
     if len(pts) > max_points:
         pts = pts[np.round(np.linspace(0, len(pts) - 1, max_points)).astype(np.int64)]
     return pts
+
+
+#: Objects the data set's 'closest' selection names: the NUM_MENTIONED nearest to the position.
+NEAREST = NUM_MENTIONED
+#: Cells whose relations :func:`cell_relations` computes at once (bounds its (cells, objects,
+#: positions) distance table).
+CELL_CHUNK = 4096
+
+
+def hint_key(label, colour, direction):
+    """One integer per (class, colour-name, direction) index triple (arrays or tensors work too)."""
+    return (label * len(UNIQUE_COLOR_NAMES) + colour) * len(DIRECTIONS) + direction
 
 
 #: Float64 elements of one block of the (objects, positions, points) distance tensor in
@@ -171,15 +194,25 @@ def cell_relations(cells: Sequence, max_objects: int = 28, grid: Optional[np.nda
     All objects are processed together: sorted by point count and cut into blocks of similar
     counts (padded to the block's largest), the nearest point per position is one argmin.
     """
+    grid = candidate_grid() if grid is None else np.asarray(grid, dtype=np.float64)
+    if len(cells) > CELL_CHUNK:
+        return CellRelations.cat([_cell_relations(cells[s:s + CELL_CHUNK], max_objects, grid, max_points, progress)
+                                  for s in range(0, len(cells), CELL_CHUNK)])
+    return _cell_relations(cells, max_objects, grid, max_points, progress)
+
+
+def _cell_relations(cells: Sequence, max_objects: int, grid: np.ndarray, max_points: int,
+                    progress: bool) -> CellRelations:
     from spatialoc_ros.models.cell_tensors import _kept_objects
 
-    grid = candidate_grid() if grid is None else np.asarray(grid, dtype=np.float64)
     N, G, O = len(cells), len(grid), max_objects
     W = -(-G // _WORD_BITS)
     placed = np.zeros((N, O, len(DIRECTIONS), W), dtype=np.int64)
     label = np.full((N, O), PAD_INDEX, dtype=np.int64)
     colour = np.zeros((N, O), dtype=np.int64)
     mask = np.zeros((N, O), dtype=bool)
+    near_d2 = np.full((N, O, G), np.inf, dtype=DISTANCE_DTYPE)  # squared distance of each slot's closest point
+    seen_dir = np.zeros((N, O, G), dtype=np.uint8)
     slot_n, slot_o, labels, xyz_list, rgb_list = [], [], [], [], []
     for n, cell in enumerate(cells):
         for o, obj in enumerate(_kept_objects([x for x in cell.objects if x.label != PAD_LABEL], O)):
@@ -225,15 +258,28 @@ def cell_relations(cells: Sequence, max_objects: int = 28, grid: Optional[np.nda
                 take = np.where((n_raw > max_points) & (local == max_points - 1), n_raw - 1, take)
             pts = all_xy[starts[members][:, None] + take]  # (M, width, 2)
             valid = local < n_used
-            nearest = np.argmin(_squared_distances(pts, valid, ux, uy, lattice, gix, giy), axis=2)  # (M, G)
+            d2 = _squared_distances(pts, valid, ux, uy, lattice, gix, giy)  # (M, G, width)
+            nearest = np.argmin(d2, axis=2)  # (M, G)
             closest = np.take_along_axis(pts, nearest[..., None], axis=1)  # (M, G, 2)
             dirs = direction_classes(grid[None, :, :] - closest)  # (M, G)
+            near_d2[ni[members], oi[members]] = np.take_along_axis(d2, nearest[..., None], axis=2)[..., 0]
+            seen_dir[ni[members], oi[members]] = dirs
             placed[ni[members], oi[members]] = _pack_bits(one_hot[dirs].transpose(0, 2, 1))  # (M, 5, W)
             bar.update(stop - start)
             start = stop
         bar.close()
+    # the NEAREST slots at each position (ties: the lower slot), as hint keys; -1 past the cell's objects
+    k = min(NEAREST, O)
+    order = np.argsort(near_d2, axis=1, kind="stable")[:, :k, :]  # (N, k, G)
+    slots_label = np.take_along_axis(np.broadcast_to(label[:, :, None], (N, O, G)), order, axis=1)
+    slots_colour = np.take_along_axis(np.broadcast_to(colour[:, :, None], (N, O, G)), order, axis=1)
+    slots_dir = np.take_along_axis(seen_dir, order, axis=1).astype(np.int64)
+    keys = hint_key(slots_label, slots_colour, slots_dir)
+    keys[~np.isfinite(np.take_along_axis(near_d2, order, axis=1))] = -1
+    nearest_keys = np.full((N, G, NEAREST), -1, dtype=np.int16)
+    nearest_keys[:, :, :k] = keys.transpose(0, 2, 1)
     return CellRelations(torch.from_numpy(placed), torch.from_numpy(label), torch.from_numpy(colour),
-                         torch.from_numpy(mask))
+                         torch.from_numpy(mask), torch.from_numpy(nearest_keys))
 
 
 def hint_tensors(hints: Sequence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -369,6 +415,58 @@ def satisfied_hints(hints: Sequence, rel: CellRelations, grid_size: int = GRID_S
     return _unpack_bits(_hint_words(hints, rel), grid_size)
 
 
+@torch.no_grad()
+def selection_matches(hints: Sequence, rel: CellRelations) -> torch.Tensor:
+    """(N, G) bool: at candidate position g of cell n the hints can name distinct objects among the
+    cell's :data:`NEAREST` objects there (class, colour unless the hint gives none, and the direction
+    seen from g), as the data set's 'closest' selection writes them (the six nearest objects; a
+    subset of them when hints were dropped). Where it holds, every hint also holds
+    (:func:`satisfied_hints`), since a matched object lies in the hint's direction.
+
+    Exact-colour hints need that many slots of their own key; hints without colour then need that
+    many of the remaining slots of their (class, direction): the greedy order is optimal since an
+    exact hint can use no other slot."""
+    if len(hints) == 0:
+        raise ValueError("selection_matches needs at least one hint")
+    keys = rel.nearest.long()  # (N, G, K)
+    per_colour = len(DIRECTIONS) * len(UNIQUE_COLOR_NAMES)
+    class_dir = torch.where(keys >= 0, (keys // per_colour) * len(DIRECTIONS) + keys % len(DIRECTIONS), -1)
+    exact: dict = {}
+    loose: dict = {}
+    exact_class_dir: dict = {}
+    for d, c, lab in zip(*(t.tolist() for t in hint_tensors(hints))):
+        cd = lab * len(DIRECTIONS) + d
+        if c == ANY_COLOUR:
+            loose[cd] = loose.get(cd, 0) + 1
+        else:
+            k = hint_key(lab, c, d)
+            exact[k] = exact.get(k, 0) + 1
+            exact_class_dir[cd] = exact_class_dir.get(cd, 0) + 1
+    ok = torch.ones(keys.shape[:2], dtype=torch.bool, device=keys.device)
+    for k, n in exact.items():
+        ok &= (keys == k).sum(dim=-1) >= n
+    for cd, n in loose.items():
+        ok &= (class_dir == cd).sum(dim=-1) >= n + exact_class_dir.get(cd, 0)
+    return ok
+
+
+def with_selection(geometric: torch.Tensor, match_share: torch.Tensor, selection: float,
+                   sharpness: float = SHARPNESS) -> torch.Tensor:
+    """Binding scores (:func:`binding_scores`, same sharpness) with the 'closest' selection term
+    added: ``1 + log(exp(sharpness * (geometric - 1)) + selection * match_share) / sharpness``,
+    where ``match_share`` is the share of candidate positions at which :func:`selection_matches`
+    holds. The data set names the nearest objects for one of its three selection strategies, so a
+    position where the hints are exactly the nearest objects gets ``1 + selection`` times the weight
+    of one that merely satisfies every hint. ``selection`` 0 returns ``geometric``."""
+    if selection < 0 or not math.isfinite(selection):
+        raise ValueError(f"selection weight must be finite and >= 0, got {selection}")
+    if selection == 0:
+        return geometric
+    g = geometric.double()
+    soft = torch.log(torch.exp(sharpness * (g - 1.0)) + selection * match_share.double())
+    return (1.0 + soft / sharpness).to(geometric.dtype)
+
+
 def _count_histogram(words: torch.Tensor, grid_size: int) -> torch.Tensor:
     """(N, H, W) packed hint flags -> (N, H + 1) int64: how many of the ``grid_size`` candidate
     positions of each cell satisfy exactly k hints, k = 0..H.
@@ -441,12 +539,14 @@ REFINE_SHARPNESS = 16.0
 
 
 def refine_in_cell(share: np.ndarray, grid: np.ndarray, mean: np.ndarray, cov: np.ndarray,
-                   sharpness: float = REFINE_SHARPNESS) -> tuple[np.ndarray, np.ndarray]:
+                   sharpness: float = REFINE_SHARPNESS, match: Optional[np.ndarray] = None,
+                   selection: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The fine stage's Gaussian updated by where the hints hold (cell units).
 
     share (K, G): share of hints satisfied at each candidate position (:func:`satisfied_hints`
     averaged over hints); grid (G, 2) the candidate positions; mean (K, 2), cov (K, 2, 2) the
-    fine stage's Gaussians. Each candidate gets the weight N(g; mean, cov) * exp(sharpness * share);
+    fine stage's Gaussians. Each candidate gets the weight N(g; mean, cov) * exp(sharpness * share),
+    times ``1 + selection`` where ``match`` (K, G) bool (:func:`selection_matches`) holds;
     the result is the weighted mean and covariance of the candidates (plus the grid's own
     quantisation variance), i.e. the moment-matched posterior of the UGFL prior and the geometric
     likelihood on the grid. Rows whose inputs are not finite are returned unchanged (they are left
@@ -479,6 +579,8 @@ def refine_in_cell(share: np.ndarray, grid: np.ndarray, mean: np.ndarray, cov: n
             keep = np.isfinite(solved).all(axis=(1, 2))
             rows, d, solved = rows[keep], d[keep], solved[keep]
         logw = -0.5 * np.einsum("rgi,rgi->rg", d, solved) + sharpness * share[rows]
+        if match is not None and selection > 0:
+            logw = logw + np.log1p(selection) * np.asarray(match, dtype=bool)[rows]
         w = np.exp(logw - logw.max(axis=1, keepdims=True))
         w /= w.sum(axis=1, keepdims=True)
         m = w @ grid  # (R, 2)

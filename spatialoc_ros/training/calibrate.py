@@ -2,12 +2,14 @@
 
     python -m spatialoc_ros.training.calibrate --base_path DATA --path_coarse C.pth [--out C2.pth]
 
-Up to three numbers, kept in the checkpoint's ``extra`` (like the fine stage's ``sigma_scale``) and
+Up to four numbers, kept in the checkpoint's ``extra`` (like the fine stage's ``sigma_scale``) and
 read by :meth:`spatialoc_ros.inference.Localizer.from_checkpoints`:
 
-* ``relation_weight``: the weight of the geometric hint-binding level
-  (:mod:`spatialoc_ros.models.geometry`) added to the learned levels' combined score; the value of
-  :data:`WEIGHT_GRID` with the best val recall@1 (ties: recall@5, then the smaller weight).
+* ``relation_weight`` and ``selection_weight``: the weight of the geometric hint-binding level
+  (:mod:`spatialoc_ros.models.geometry`) added to the learned levels' combined score, and the
+  weight of the data set's 'closest' selection rule inside it
+  (:func:`~spatialoc_ros.models.geometry.with_selection`); the pair of :data:`WEIGHT_GRID` x
+  :data:`SELECTION_GRID` with the best val recall@1 (ties: recall@5, then the smaller weights).
 * ``temperature``: ``P(cell | text) = softmax(score / temperature)`` over the ranked cells; the
   value that maximises the val likelihood of the queries' true cells (golden-section search on
   log T).
@@ -33,6 +35,8 @@ import numpy as np
 
 #: Candidate relation weights (0 = the learned levels alone).
 WEIGHT_GRID: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
+#: Candidate weights of the 'closest' selection rule inside the geometric level (0 = off).
+SELECTION_GRID: tuple[float, ...] = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 #: Search range of the temperature.
 TEMPERATURE_RANGE: tuple[float, float] = (1e-2, 1e2)
 #: Hypotheses combined into the published estimate (the node's and the evaluation's default top_k).
@@ -76,27 +80,48 @@ def fit_temperature(scores: np.ndarray, true: np.ndarray, bounds=TEMPERATURE_RAN
     return float(math.exp(0.5 * (lo + hi)))
 
 
-def fit_calibration(learned: np.ndarray, geometric: np.ndarray, true: np.ndarray,
-                    weights: Sequence[float] = WEIGHT_GRID) -> dict:
-    """Relation weight and temperature from (Q, N) level scores and the (Q,) true cell indices.
+def combined(learned: np.ndarray, geometric: np.ndarray, weight: float, shares: Optional[np.ndarray] = None,
+             selection: float = 0.0) -> np.ndarray:
+    """(Q, N) ranking scores ``learned + weight * geometric`` with the selection rule (weight
+    ``selection``, match shares ``shares`` (Q, N)) added to every cell's geometric level."""
+    if shares is None or selection <= 0:
+        return learned + weight * geometric
+    import torch
 
-    Returns {'relation_weight', 'temperature', 'val_recall@1', 'val_recall@5', 'val_nll',
-    'val_recall@1_learned_only'}.
+    from spatialoc_ros.models.geometry import with_selection
+
+    geo = with_selection(torch.from_numpy(geometric), torch.from_numpy(shares), selection).numpy()
+    return learned + weight * geo
+
+
+def fit_calibration(learned: np.ndarray, geometric: np.ndarray, true: np.ndarray,
+                    weights: Sequence[float] = WEIGHT_GRID, shares: Optional[np.ndarray] = None,
+                    selections: Sequence[float] = SELECTION_GRID) -> dict:
+    """Relation weight, selection weight (with ``shares``, the (Q, N) match shares of
+    :meth:`Localizer.selection_shares`; else 0) and temperature from (Q, N) level scores and the
+    (Q,) true cell indices: the pair with the best val recall@1 (ties: recall@5, then the smaller
+    weights), then the temperature of the best likelihood.
+
+    Returns {'relation_weight', 'selection_weight', 'temperature', 'val_recall@1', 'val_recall@5',
+    'val_nll', 'val_recall@1_learned_only'}.
     """
     if learned.shape != geometric.shape or learned.shape[0] != len(true) or len(true) == 0:
         raise ValueError("calibration needs (Q, N) learned and geometric scores and Q true cells, Q > 0")
+    if shares is not None and shares.shape != learned.shape:
+        raise ValueError("selection shares must have the shape of the level scores")
     best = None
-    for w in weights:
-        r1, r5 = _recalls(learned + w * geometric, true)
-        key = (r1, r5, -w)
-        if best is None or key > best[0]:
-            best = (key, float(w))
-    weight = best[1]
-    scores = learned + weight * geometric
+    for beta in (selections if shares is not None else (0.0,)):
+        for w in weights:
+            r1, r5 = _recalls(combined(learned, geometric, w, shares, beta), true)
+            key = (r1, r5, -w, -beta)
+            if best is None or key > best[0]:
+                best = (key, float(w), float(beta))
+    weight, selection = best[1], best[2]
+    scores = combined(learned, geometric, weight, shares, selection)
     temperature = fit_temperature(scores, true)
     r1, r5 = _recalls(scores, true)
-    return {"relation_weight": weight, "temperature": temperature, "val_recall@1": r1, "val_recall@5": r5,
-            "val_nll": true_cell_nll(scores, true, temperature),
+    return {"relation_weight": weight, "selection_weight": selection, "temperature": temperature,
+            "val_recall@1": r1, "val_recall@5": r5, "val_nll": true_cell_nll(scores, true, temperature),
             "val_recall@1_learned_only": _recalls(learned, true)[0]}
 
 
@@ -170,10 +195,12 @@ def calibrate_localizer(localizer, data, progress: bool = True) -> dict:
         raise ValueError("no val query has its cell in the map")
     texts = [query_text(p) for p in poses]
     learned, geometric = localizer.score_levels(texts, progress=progress)
+    shares = localizer.selection_shares(texts, progress=progress)
     true = np.array([localizer.cell_index(p.cell_id) for p in poses])
-    result = fit_calibration(learned, geometric, true)
-    weight = result["relation_weight"]
+    result = fit_calibration(learned, geometric, true, shares=shares)
+    weight, selection = result["relation_weight"], result["selection_weight"]
     localizer.relation_weight, localizer.temperature = weight, result["temperature"]
+    localizer.selection_weight = selection
     localizer.by_hints = {}
     localizer.set_map(data.cells, progress=progress)  # with the geometric level of the fitted weight
     hint_lists = [localizer.understand(t).hints for t in texts]
@@ -182,10 +209,11 @@ def calibrate_localizer(localizer, data, progress: bool = True) -> dict:
     for n in CALIBRATED_HINT_COUNTS:
         sub = hint_subsets(hint_lists, n)
         if all(len(h) <= n for h in hint_lists):  # the whole queries: already scored above
-            lo, geo = learned, geometric
+            lo, geo, sh = learned, geometric, shares
         else:
             lo, geo = localizer.score_levels(sub, progress=progress)
-        temperature = fit_temperature(lo + weight * geo, true)
+            sh = localizer.selection_shares(sub, progress=progress) if selection > 0 else None
+        temperature = fit_temperature(combined(lo, geo, weight, sh, selection), true)
         lists["temperature_by_hints"].append(temperature)
         if localizer.fine is None:
             continue
@@ -223,6 +251,7 @@ def store_calibration(path: str, result: dict, out: Optional[str] = None) -> str
     model, cfg, extra = load_checkpoint(path, "coarse", torch.device("cpu"))
 
     extra = {**(extra or {}), "relation_weight": float(result["relation_weight"]),
+             "selection_weight": float(result.get("selection_weight", 0.0)),
              "temperature": float(result["temperature"]),
              "calibration": {k: float(v) for k, v in result.items() if not isinstance(v, list)}}
     for key in ("mixture_within_scale", "mixture_spread_scale", "temperature_by_hints",
@@ -282,7 +311,8 @@ def _main(argv) -> int:
 
 
 def format_result(result: dict) -> str:
-    text = (f"[calibrate] val: relation weight {result['relation_weight']:g} (recall@1 "
+    text = (f"[calibrate] val: relation weight {result['relation_weight']:g}, selection weight "
+            f"{result.get('selection_weight', 0.0):g} (recall@1 "
             f"{result['val_recall@1_learned_only']:.3f} -> {result['val_recall@1']:.3f}, recall@5 "
             f"{result['val_recall@5']:.3f}); temperature {result['temperature']:.4f}, true-cell NLL "
             f"{result['val_nll']:.3f}")
