@@ -798,6 +798,8 @@ class Localizer:
         from spatialoc_ros.models.geometry import selection_matches, with_selection
 
         m = min(SELECTION_SHORTLIST, out.shape[1])
+        # NaN only keeps a non-finite cell out of the short list here; the scores themselves keep
+        # their NaN, which _rankable counts, logs and ranks last
         top = torch.topk(torch.nan_to_num(out, nan=float("-inf")), m, dim=1).indices  # (B, m)
         out = out.clone()
         for b, h in enumerate(hints):
